@@ -1,0 +1,92 @@
+"""The ``klssl`` command line.
+
+``klssl train CONFIG`` runs in this process; the service commands (submit, status, ...)
+arrive with the control plane and talk to its REST API.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from trainer.config import ConfigError, load_config
+
+app = typer.Typer(
+    name="klssl",
+    help="Self-supervised learning by clustering: train, submit and compare runs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+ConfigPath = Annotated[
+    Path, typer.Argument(help="Training config, YAML or JSON (the TrainConfig schema).")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override a field, validated like the file: --set schedule.epochs=2 (repeatable).",
+    ),
+]
+
+
+@app.command()
+def train(
+    config_path: ConfigPath,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Directory for checkpoints and metrics.")
+    ] = Path("runs/latest"),
+    overrides: Overrides = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in --output.")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a config in this process (no service, no Ray) and print the k-NN accuracy."""
+    try:
+        config = load_config(config_path, overrides or [])
+    except ConfigError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(2) from None
+    from trainer.local import train_locally  # torch and timm load only when training
+
+    try:
+        metrics = train_locally(config, output, resume=resume, show_progress=progress)
+    except FileNotFoundError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(1) from None
+    summary = {key: round(value, 4) for key, value in metrics.items()}
+    console.print(f"final metrics: {json.dumps(summary)}")
+    if "knn_top1" in metrics:
+        typer.echo(f"k-NN top-1 (k={config.eval.knn_k[0]}): {metrics['knn_top1']:.2f}%")
+    typer.echo(f"outputs in {output}")
+
+
+@app.command("eval")
+def evaluate_checkpoint(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint directory (epoch_NNNN).")],
+) -> None:
+    """k-NN accuracy of a checkpoint's teacher backbone on its config's held-out split."""
+    from trainer.checkpoint import load_checkpoint_config, load_payload
+    from trainer.loop import build_run, evaluate
+
+    try:
+        config = load_checkpoint_config(checkpoint)
+        payload = load_payload(checkpoint)
+    except (FileNotFoundError, ConfigError) as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(2) from None
+    run = build_run(config)
+    run.state.teacher.load_state_dict(payload["teacher"])
+    for name, value in evaluate(run).items():
+        typer.echo(f"{name}: {value:.2f}%")
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    app()

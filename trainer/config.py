@@ -1,0 +1,338 @@
+"""The typed training configuration: one object from the REST body to every worker.
+
+A `TrainConfig` is what a user writes (YAML or JSON), what the service validates, what
+travels to Ray as JSON, what every worker re-validates, and what is stored beside every
+checkpoint. Every invalid value is rejected with its field path and the reason, so no
+code further down needs defaults of its own (no ``dict.get(key, default)``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+NormalisationMode = Literal["prior", "center", "sinkhorn", "none"]
+StatisticsOrder = Literal["current", "previous"]
+DatasetKind = Literal["digits", "synthetic", "imagefolder", "cifar10"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Momentum = Annotated[float, Field(ge=0, lt=1)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(_Section):
+    """Which images, how they are cropped into views, and how they are batched."""
+
+    kind: DatasetKind = Field("digits", description="Built-in dataset kind.")
+    path: Path | None = Field(
+        None,
+        description="Root of the data: a folder per class (imagefolder) or the folder "
+        "holding the CIFAR-10 binary batches (cifar10). Unused by digits and synthetic.",
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="Use at most this many training images (quick runs)."
+    )
+    holdout_fraction: Fraction = Field(
+        0.1,
+        description="Fraction of every class held out, labelled, for k-NN evaluation; "
+        "never used for training (the last files of each class in sorted order).",
+    )
+    synthetic_samples: int = Field(2000, ge=2, description="Images in the synthetic set.")
+    synthetic_classes: int = Field(10, ge=2, description="Known clusters of the synthetic set.")
+    synthetic_image_size: int = Field(32, ge=8, description="Side of synthetic images.")
+    global_crop_size: int = Field(32, ge=4, description="Side of the global (teacher) views.")
+    local_crop_size: int = Field(16, ge=4, description="Side of the local (student) views.")
+    num_global_crops: int = Field(2, ge=1, le=2, description="Teacher views per image.")
+    num_local_crops: int = Field(6, ge=0, description="Extra, smaller student views.")
+    global_crop_scale: tuple[Fraction, Fraction] = Field(
+        (0.4, 1.0), description="Area range of global crops (RandomResizedCrop scale)."
+    )
+    local_crop_scale: tuple[Fraction, Fraction] = Field(
+        (0.05, 0.4), description="Area range of local crops."
+    )
+    batch_size: int = Field(64, ge=1, description="Images per worker per step.")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.expanduser().exists():
+            raise ValueError(f"dataset path {str(path)!r} does not exist")
+        return None if path is None else path.expanduser()
+
+    @field_validator("global_crop_scale", "local_crop_scale")
+    @classmethod
+    def _ordered_scale(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if scale[0] > scale[1]:
+            raise ValueError(f"scale range {scale} must be (low, high) with low <= high")
+        return scale
+
+    @field_validator("local_crop_size")
+    @classmethod
+    def _local_not_larger(cls, size: int, info: ValidationInfo) -> int:
+        if "global_crop_size" not in info.data:  # it failed its own validation
+            return size
+        global_size = info.data["global_crop_size"]
+        if size > global_size:
+            raise ValueError(
+                f"local crops ({size} px) must not be larger than global crops "
+                f"({global_size} px): local views are the small ones"
+            )
+        return size
+
+    @model_validator(mode="after")
+    def _path_matches_kind(self) -> Self:
+        if self.kind in ("imagefolder", "cifar10") and self.path is None:
+            raise ValueError(f"data.path is required for dataset kind {self.kind!r}")
+        return self
+
+    @property
+    def num_views(self) -> int:
+        """Student views per image: the global crops first, then the local ones."""
+        return self.num_global_crops + self.num_local_crops
+
+
+class ModelConfig(_Section):
+    """Backbone (any timm model, never pretrained) and the DINO-style projection head."""
+
+    backbone: str = Field("resnet18", description="timm model name, built with pretrained=False.")
+    small_images: bool = Field(
+        True,
+        description="Adapt the stem to small (e.g. 32x32) inputs: 3x3 stride-1 stem without "
+        "max-pool for ResNets; patch_size for ViTs.",
+    )
+    patch_size: int | None = Field(None, ge=1, description="ViT patch size (None: timm default).")
+    backbone_kwargs: dict[str, int | float | str | bool] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for timm.create_model (e.g. depth for a ViT).",
+    )
+    head_hidden_dim: int = Field(2048, ge=1, description="Hidden width of the head MLP.")
+    head_bottleneck_dim: int = Field(256, ge=1, description="L2-normalised bottleneck width.")
+    head_layers: int = Field(3, ge=1, description="Linear layers before the bottleneck.")
+    norm_last_layer: bool = Field(
+        True, description="Fix the prototypes' weight-norm gain to 1 (more stable)."
+    )
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        known = timm_model_names()
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=8, cutoff=0.6)
+            hint = f"close timm names: {', '.join(close)}" if close else "see timm.list_models()"
+            raise ValueError(f"unknown backbone {name!r}; {hint}")
+        return name
+
+
+class ObjectiveConfig(_Section):
+    """The KL clustering objective of DESIGN.md section 1."""
+
+    mode: NormalisationMode = Field(
+        "prior",
+        description="Teacher normalisation: prior (inverse cluster prior, the paper), center "
+        "(its Jensen approximation, DINO), sinkhorn (SwAV/DINOv2), none (collapses).",
+    )
+    num_clusters: int = Field(1024, ge=2, description="K, the number of prototypes.")
+    student_temp: PositiveFloat = Field(0.1, description="Student softmax temperature.")
+    teacher_temp: PositiveFloat = Field(0.04, description="Teacher temperature after warm-up.")
+    warmup_teacher_temp: PositiveFloat = Field(0.04, description="Teacher temperature at step 0.")
+    warmup_teacher_temp_epochs: int = Field(
+        0, ge=0, description="Epochs of linear teacher-temperature warm-up."
+    )
+    prior_momentum: Momentum = Field(
+        0.9, description="EMA momentum m of the prior pi and the center c (0: batch marginal)."
+    )
+    prior_power: float = Field(
+        1.0, ge=0, le=1, description="Exponent a in softmax(t/tau_t - a log pi)."
+    )
+    statistics_order: StatisticsOrder = Field(
+        "current",
+        description="current: update pi/c with this batch before the targets; previous: "
+        "targets from the last step's statistics (DINO's order).",
+    )
+    sinkhorn_iters: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations.")
+
+
+class OptimConfig(_Section):
+    """Optimiser of the student."""
+
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser.")
+    lr: PositiveFloat = Field(
+        5e-4, description="Peak learning rate for a total batch of 256 (scaled linearly)."
+    )
+    min_lr: float = Field(1e-6, ge=0, description="Learning rate at the end of the cosine.")
+    weight_decay: float = Field(0.04, ge=0, description="Weight decay at step 0.")
+    weight_decay_end: float = Field(0.4, ge=0, description="Weight decay at the last step.")
+    clip_grad: float = Field(3.0, ge=0, description="Max gradient norm per tensor (0: off).")
+    freeze_last_layer_epochs: int = Field(
+        1, ge=0, description="Epochs during which the prototypes get no update."
+    )
+
+
+class ScheduleConfig(_Section):
+    """Length of training and the warm-up / momentum schedules."""
+
+    epochs: int = Field(100, ge=1, description="Training epochs.")
+    warmup_epochs: int = Field(10, ge=0, description="Linear learning-rate warm-up epochs.")
+    teacher_momentum: Momentum = Field(0.996, description="Teacher EMA momentum at step 0.")
+    teacher_momentum_end: float = Field(
+        1.0, ge=0, le=1, description="Teacher EMA momentum at the last step (cosine)."
+    )
+
+
+class EvalConfig(_Section):
+    """Label-based evaluation on the held-out split (when the data has labels)."""
+
+    knn_k: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [20, 200], min_length=1, description="k of the k-NN votes."
+    )
+    knn_temperature: PositiveFloat = Field(0.07, description="Weighting temperature.")
+    every_epochs: int = Field(0, ge=0, description="Run k-NN every N epochs (0: at the end).")
+
+
+class RuntimeConfig(_Section):
+    """Where and how the run executes."""
+
+    seed: int = Field(0, ge=0, description="Seed of every random generator.")
+    device: Device = Field("auto", description="auto picks CUDA when present.")
+    precision: Precision = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
+    )
+    checkpoint_every_epochs: int = Field(1, ge=1, description="Checkpoint every N epochs.")
+    log_every_steps: int = Field(10, ge=1, description="Diagnostics every N steps.")
+    num_workers: int = Field(1, ge=1, description="Data-parallel training workers (Ray).")
+    max_failures: int = Field(2, ge=-1, description="Worker-failure retries (-1: unlimited).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (newest).")
+
+
+class TrainConfig(_Section):
+    """Everything one training run needs, in seven sections."""
+
+    name: str = Field(
+        "klssl", min_length=1, max_length=128, description="Run / MLflow experiment name."
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def to_json(self) -> str:
+        """The canonical JSON form (what travels to workers and sits beside checkpoints)."""
+        return self.model_dump_json(indent=2)
+
+    def flat(self) -> dict[str, str]:
+        """Flattened ``section.field -> value`` strings, e.g. for MLflow params."""
+        return dict(_flatten(self.model_dump(mode="json")))
+
+
+class ConfigError(ValueError):
+    """A config that failed validation, with one ``field.path: reason`` line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        super().__init__(f"invalid {source}:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+@functools.cache
+def timm_model_names() -> frozenset[str]:
+    """Every architecture timm can build (no network access: a registry lookup)."""
+    import timm  # a heavy import, only paid where a backbone name must be checked
+
+    return frozenset(timm.list_models())
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    """``field.path: reason`` for every error of a pydantic validation."""
+    problems = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "<root>"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{location}: {message}")
+    return problems
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Validate a raw mapping into a `TrainConfig`, raising `ConfigError` on any problem."""
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(describe_errors(error), source) from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a mapping (not yet validated)."""
+    if not path.exists():
+        raise ConfigError([f"{path}: no such file"], "config file")
+    text = path.read_text()
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError([f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {error}"])
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` overrides (values parsed as YAML) to a raw mapping.
+
+    The result still goes through `validate_config`, so an override is checked exactly
+    like the file it overrides.
+    """
+    merged = json.loads(json.dumps(raw, default=str))
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"{override!r}: an override must look like section.field=value"])
+        *parents, leaf = key.strip().split(".")
+        node = merged
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError([f"{key}: {part!r} is a value, not a section"])
+            node = child
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+    return merged
+
+
+def load_config(path: Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Load a config file (YAML or JSON; none means all defaults) plus overrides."""
+    raw = read_config_file(path) if path is not None else {}
+    return validate_config(apply_overrides(raw, overrides), str(path or "config"))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, str]]:
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{name}.")
+        else:
+            yield name, json.dumps(value) if isinstance(value, list | dict) else str(value)

@@ -1,0 +1,289 @@
+"""One training step and one epoch of the KL clustering method.
+
+These functions are what every runner calls unchanged: the in-process `klssl train`
+and the per-worker loop of Ray Train. The only distributed pieces are the DDP-wrapped
+student (gradients) and `ClusterStatistics.update` (pi and c), both of which work in a
+single process too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from trainer.config import Precision, TrainConfig
+from trainer.models import unwrap, update_teacher
+from trainer.objective import cross_view_loss, entropy, teacher_targets
+from trainer.schedules import Schedules, StepSchedule
+from trainer.statistics import BatchStatistics, ClusterStatistics, all_reduce_sum
+
+Batch = tuple[list[Tensor], Tensor]
+"""(views, labels): V tensors (B, 3, h, w), global views first, and (B,) labels."""
+
+
+@dataclass
+class TrainingState:
+    """Everything that changes during training (and so goes into checkpoints)."""
+
+    student: nn.Module
+    """The student network, possibly wrapped in DistributedDataParallel."""
+    teacher: nn.Module
+    statistics: ClusterStatistics
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None = None
+    """Only for fp16; bf16 and fp32 need no loss scaling."""
+    step: int = 0
+    """Optimiser steps taken so far (the global step of metrics)."""
+    epoch: int = 0
+    """Completed epochs."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Outputs of one step; tensors stay on the device until someone logs them."""
+
+    loss: Tensor
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Precision:
+    """``auto`` means bf16 on a GPU and fp32 on the CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The mixed-precision context of a resolved precision."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def parameter_groups(model: nn.Module) -> list[dict[str, object]]:
+    """Two groups: weights get weight decay, biases and norm parameters do not (as DINO)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser of the student; lr and weight decay are set every step."""
+    groups = parameter_groups(model)
+    if config.optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=0.0)
+
+
+def _apply_schedule(optimizer: torch.optim.Optimizer, schedule: StepSchedule) -> None:
+    for index, group in enumerate(optimizer.param_groups):
+        group["lr"] = schedule.lr
+        if index == 0:  # the regularised group
+            group["weight_decay"] = schedule.weight_decay
+
+
+def _clip_per_tensor(parameters: Iterable[nn.Parameter], max_norm: float) -> None:
+    """DINO's clipping: each tensor's gradient norm is capped separately."""
+    for parameter in parameters:
+        if parameter.grad is not None:
+            torch.nn.utils.clip_grad_norm_(parameter, max_norm)
+
+
+def train_step(
+    state: TrainingState,
+    views: Sequence[Tensor],
+    schedule: StepSchedule,
+    config: TrainConfig,
+    *,
+    precision: Precision,
+    with_diagnostics: bool = False,
+) -> StepResult:
+    """One optimisation step on a batch of multi-crop views.
+
+    Order within the step (DESIGN.md section 1): teacher forward -> statistics update
+    with this global batch -> targets -> loss (``statistics_order='previous'`` takes the
+    targets before the update, as DINO does) -> student update -> teacher EMA.
+
+    Args:
+        state: the training state; updated in place (not ``step``: the caller counts).
+        views: V_s tensors (B, 3, h, w) on the device, the V_t global views first.
+        schedule: the scheduled values of this step.
+        config: the run's config.
+        precision: a resolved precision (fp32, bf16 or fp16).
+        with_diagnostics: also compute the collapse diagnostics (one more small
+            all-reduce; every rank must pass the same value).
+
+    Returns:
+        The loss and, when asked, the diagnostics, as detached scalar tensors.
+    """
+    objective = config.objective
+    teacher_views = config.data.num_global_crops
+    device = views[0].device
+    _apply_schedule(state.optimizer, schedule)
+
+    with autocast(precision, device):
+        with torch.no_grad():
+            teacher_logits = state.teacher(views[:teacher_views]).float()  # (V_t, B, K)
+        student_logits = state.student(views)  # (V_s, B, K)
+
+    def targets_now() -> Tensor:
+        return teacher_targets(
+            teacher_logits,
+            mode=objective.mode,
+            teacher_temp=schedule.teacher_temp,
+            prior=state.statistics.prior,
+            center=state.statistics.center,
+            prior_power=objective.prior_power,
+            sinkhorn_iters=objective.sinkhorn_iters,
+            reduce=all_reduce_sum,
+        )
+
+    if objective.statistics_order == "previous":
+        targets = targets_now()
+        batch_stats = state.statistics.update(teacher_logits, schedule.teacher_temp)
+    else:
+        batch_stats = state.statistics.update(teacher_logits, schedule.teacher_temp)
+        targets = targets_now()
+    loss = cross_view_loss(student_logits, targets, student_temp=objective.student_temp)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {state.step}; stopping")
+
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.scaler is not None:
+        state.scaler.scale(loss).backward()
+        state.scaler.unscale_(state.optimizer)
+    else:
+        loss.backward()
+    student = unwrap(state.student)
+    if config.optim.clip_grad > 0:
+        _clip_per_tensor(student.parameters(), config.optim.clip_grad)
+    if state.epoch < config.optim.freeze_last_layer_epochs:
+        # DINO: keeping the prototypes fixed at first stabilises the start of training.
+        for parameter in student.head.prototypes.parameters():
+            parameter.grad = None
+    if state.scaler is not None:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.step()
+    update_teacher(state.teacher, student, schedule.teacher_momentum)
+
+    diagnostics = (
+        collapse_diagnostics(loss.detach(), targets, batch_stats, state.statistics)
+        if with_diagnostics
+        else {}
+    )
+    return StepResult(loss=loss.detach(), diagnostics=diagnostics)
+
+
+@torch.no_grad()
+def collapse_diagnostics(
+    loss: Tensor, targets: Tensor, batch: BatchStatistics, statistics: ClusterStatistics
+) -> dict[str, Tensor]:
+    """The label-free diagnostics of DESIGN.md section 1, over the global batch.
+
+    - prior_entropy H(pi) and effective_clusters exp(H(pi)) of the EMA prior;
+    - teacher_entropy E_x[H(Q(.|x))] of the targets;
+    - mutual_info H(pi_batch) - E_x[H(P_t(.|x))], using the batch marginal so that it
+      is a true (non-negative) mutual information of this batch;
+    - kl = E[KL(Q || P_s)] = loss - teacher_entropy, since every target view enters
+      the pair average equally often.
+    """
+    count = torch.tensor(float(targets[..., 0].numel()), device=targets.device)
+    sums = all_reduce_sum(torch.stack([entropy(targets).sum(), count]))
+    target_entropy = sums[0] / sums[1]
+    prior_entropy = entropy(statistics.prior.float())
+    return {
+        "loss": loss,
+        "kl": loss - target_entropy,
+        "teacher_entropy": target_entropy,
+        "prior_entropy": prior_entropy,
+        "effective_clusters": prior_entropy.exp(),
+        "mutual_info": entropy(batch.prior) - batch.teacher_entropy,
+    }
+
+
+StepCallback = Callable[[TrainingState, dict[str, float]], None]
+
+
+def train_one_epoch(
+    state: TrainingState,
+    loader: Iterable[Batch],
+    schedules: Schedules,
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    precision: Precision,
+    world_size: int = 1,
+    on_log: StepCallback | None = None,
+) -> dict[str, float]:
+    """Train one epoch; returns the epoch's mean loss and its last diagnostics.
+
+    ``on_log`` is called every ``runtime.log_every_steps`` steps (and at the last step)
+    with the diagnostics, lr, teacher temperature and images/s, keyed by metric name.
+    """
+    state.student.train()
+    state.teacher.train()
+    loss_sum = torch.zeros((), device=device)
+    steps = 0
+    last: dict[str, float] = {}
+    window_start, window_images = time.perf_counter(), 0
+    for is_last, (views, _labels) in _flag_last(loader):
+        views = [view.to(device, non_blocking=True) for view in views]
+        schedule = schedules.at(state.step)
+        log_now = is_last or (state.step + 1) % config.runtime.log_every_steps == 0
+        result = train_step(
+            state, views, schedule, config, precision=precision, with_diagnostics=log_now
+        )
+        state.step += 1
+        steps += 1
+        loss_sum += result.loss
+        window_images += views[0].shape[0] * world_size
+        if log_now:
+            elapsed = time.perf_counter() - window_start
+            last = {name: float(value) for name, value in result.diagnostics.items()}
+            last |= {
+                "lr": schedule.lr,
+                "weight_decay": schedule.weight_decay,
+                "teacher_temp": schedule.teacher_temp,
+                "teacher_momentum": schedule.teacher_momentum,
+                "images_per_s": window_images / max(elapsed, 1e-9),
+                "epoch": state.epoch + steps / _length(loader, steps),
+            }
+            if on_log is not None:
+                on_log(state, last)
+            window_start, window_images = time.perf_counter(), 0
+    if steps == 0:
+        raise RuntimeError("the training loader yielded no batch: dataset smaller than a batch?")
+    state.epoch += 1
+    return last | {"epoch_loss": float(loss_sum) / steps, "epoch": float(state.epoch)}
+
+
+def _length(loader: Iterable[Batch], fallback: int) -> int:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return fallback
+
+
+def _flag_last(items: Iterable[Batch]) -> Iterator[tuple[bool, Batch]]:
+    """Pairs (is_last, item), so the last step of an epoch is always logged."""
+    iterator = iter(items)
+    try:
+        previous = next(iterator)
+    except StopIteration:
+        return
+    for item in iterator:
+        yield False, previous
+        previous = item
+    yield True, previous

@@ -1,0 +1,183 @@
+"""The training loop shared by every runner: build, (resume,) train epochs, evaluate.
+
+`run_training` is written once for one process or many: the caller says which rank it
+is and passes ``wrap_student`` (identity locally, Ray's ``prepare_model`` under Ray
+Train) and hooks that decide what happens to metrics and checkpoints (a progress bar and
+a local directory for `klssl train`, ``ray.train.report`` on a cluster).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from trainer.checkpoint import restore_state
+from trainer.config import Precision, TrainConfig
+from trainer.data import DataSplits, build_splits, make_eval_loader, make_train_loader
+from trainer.engine import (
+    TrainingState,
+    build_optimizer,
+    resolve_precision,
+    train_one_epoch,
+)
+from trainer.evaluation import extract_features, knn_report
+from trainer.models import build_network, make_teacher, unwrap
+from trainer.schedules import Schedules
+from trainer.statistics import ClusterStatistics
+
+
+class LoopHooks(Protocol):
+    """What a runner does with progress; every method is called on every rank."""
+
+    def on_log(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        """Diagnostics every ``runtime.log_every_steps`` steps."""
+
+    def on_epoch_end(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        """After every epoch, with the epoch metrics (and k-NN when it ran)."""
+
+
+@dataclass
+class Run:
+    """The built pieces of one run on one worker."""
+
+    config: TrainConfig
+    state: TrainingState
+    splits: DataSplits
+    train_loader: DataLoader[Any]
+    schedules: Schedules
+    device: torch.device
+    precision: Precision
+    rank: int
+    world_size: int
+
+
+def select_device(config: TrainConfig) -> torch.device:
+    """The device of a config: ``auto`` is CUDA when available, else the CPU."""
+    wanted = config.runtime.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is available")
+    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every rank the same: models start identical)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_run(
+    config: TrainConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    wrap_student: Callable[[nn.Module], nn.Module] = lambda module: module,
+) -> Run:
+    """Build data, networks, optimiser and schedules for one worker."""
+    device = device or select_device(config)
+    precision = resolve_precision(config.runtime.precision, device)
+    seed_everything(config.runtime.seed)
+    splits = build_splits(config.data, seed=config.runtime.seed)
+    loader = make_train_loader(
+        splits.train, config.data, seed=config.runtime.seed, rank=rank, world_size=world_size
+    )
+    student = build_network(
+        config.model, config.objective.num_clusters, config.data.global_crop_size
+    ).to(device)
+    teacher = make_teacher(student)
+    optimizer = build_optimizer(student, config)
+    state = TrainingState(
+        student=wrap_student(student),
+        teacher=teacher,
+        statistics=ClusterStatistics(
+            config.objective.num_clusters, config.objective.prior_momentum
+        ).to(device),
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+    )
+    # Different ranks must draw different augmentations from here on.
+    torch.manual_seed(config.runtime.seed + 1000 * (rank + 1))
+    schedules = Schedules(
+        config, steps_per_epoch=len(loader), global_batch=config.data.batch_size * world_size
+    )
+    return Run(config, state, splits, loader, schedules, device, precision, rank, world_size)
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """k-NN top-1 of the teacher backbone: training split as bank, held-out as queries."""
+    backbone = run.state.teacher.backbone
+    bank = extract_features(
+        backbone, make_eval_loader(run.splits.train, run.config.data), run.device
+    )
+    queries = extract_features(
+        backbone, make_eval_loader(run.splits.holdout, run.config.data), run.device
+    )
+    return knn_report(
+        bank,
+        queries,
+        run.config.eval.knn_k,
+        run.config.eval.knn_temperature,
+        run.splits.num_classes,
+    )
+
+
+def run_training(
+    run: Run, hooks: LoopHooks, *, resume: dict[str, Any] | None = None, evaluates: bool = True
+) -> dict[str, float]:
+    """Train from the run's current state (or ``resume`` payload) to the last epoch.
+
+    Args:
+        run: what `build_run` built.
+        hooks: the runner's reactions to logs and epoch ends.
+        resume: a checkpoint payload to continue from (next step, same schedules).
+        evaluates: whether this worker runs the k-NN evaluation (rank 0 on a cluster).
+
+    Returns:
+        The metrics of the last epoch, with k-NN accuracy when evaluated.
+    """
+    if resume is not None:
+        restore_state(run.state, resume)
+    config = run.config
+    metrics: dict[str, float] = {}
+    for epoch in range(run.state.epoch, config.schedule.epochs):
+        sampler = run.train_loader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        metrics = train_one_epoch(
+            run.state,
+            run.train_loader,
+            run.schedules,
+            config,
+            device=run.device,
+            precision=run.precision,
+            world_size=run.world_size,
+            on_log=hooks.on_log,
+        )
+        last_epoch = epoch + 1 == config.schedule.epochs
+        every = config.eval.every_epochs
+        if evaluates and (last_epoch or (every > 0 and (epoch + 1) % every == 0)):
+            metrics |= evaluate(run)
+        hooks.on_epoch_end(run.state, metrics)
+    return metrics
+
+
+def random_init_knn(config: TrainConfig, device: torch.device | None = None) -> dict[str, float]:
+    """k-NN accuracy of the same architecture at random initialisation (the baseline)."""
+    run = build_run(config, device=device)
+    return evaluate(run)
+
+
+def backbone_of(run: Run) -> nn.Module:
+    """The backbone to export: the teacher's, which DINO evaluates and ships."""
+    backbone: nn.Module = unwrap(run.state.teacher).backbone
+    return backbone

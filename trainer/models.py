@@ -1,0 +1,172 @@
+"""Networks: a timm backbone, the DINO projection head, and the student/teacher pair.
+
+Backbones come from timm's registry by name and are always built with
+``pretrained=False``: nothing is downloaded, which keeps runs working behind firewalls.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from trainer.config import ModelConfig
+
+
+def build_backbone(config: ModelConfig, image_size: int) -> nn.Module:
+    """A timm backbone that maps (B, 3, H, W) images to (B, D) features.
+
+    With ``small_images`` the stem is adapted to small inputs such as 32x32: ResNets get
+    a 3x3 stride-1 first convolution and no max-pool (the CIFAR variant, which keeps
+    spatial resolution the 7x7/2 + pool stem would throw away), ViTs get ``patch_size``
+    (default 4) and ``image_size`` with dynamic image sizes so local crops also fit.
+    """
+    kwargs: dict[str, object] = dict(config.backbone_kwargs)
+    is_vit = config.backbone.startswith(("vit_", "deit", "eva", "beit"))
+    if is_vit:
+        kwargs.setdefault("img_size", image_size)
+        kwargs.setdefault("dynamic_img_size", True)
+        if config.patch_size is not None:
+            kwargs.setdefault("patch_size", config.patch_size)
+        elif config.small_images:
+            kwargs.setdefault("patch_size", 4)
+    backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, **kwargs)
+    if config.small_images and not is_vit:
+        _small_image_stem(backbone)
+    return backbone
+
+
+def _small_image_stem(backbone: nn.Module) -> None:
+    """Replace a ResNet-style stem by a 3x3, stride-1 convolution without max-pool."""
+    conv1 = getattr(backbone, "conv1", None)
+    if not hasattr(backbone, "maxpool") or conv1 is None:
+        return  # not a ResNet-style stem; other families keep their own stem
+    if isinstance(conv1, nn.Conv2d):
+        backbone.conv1 = nn.Conv2d(
+            conv1.in_channels, conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False
+        )
+    else:  # deep stems (resnet*d, resnet*t): a Sequential whose first conv strides
+        first = next(m for m in conv1.modules() if isinstance(m, nn.Conv2d))
+        first.stride = (1, 1)
+    backbone.maxpool = nn.Identity()
+
+
+class ProjectionHead(nn.Module):
+    """DINO's head: MLP -> L2-normalised bottleneck -> weight-normalised prototypes.
+
+    Args:
+        in_dim: backbone feature width D.
+        num_clusters: K, the number of prototypes (output logits).
+        hidden_dim: width of the hidden MLP layers.
+        bottleneck_dim: width of the normalised bottleneck.
+        layers: linear layers of the MLP (1: a single projection to the bottleneck).
+        norm_last_layer: fix the prototypes' weight-norm gain to 1, so the logits are
+            cosine similarities in [-1, 1] (DINO's stabilising default).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_clusters: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        layers: int = 3,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        widths = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
+        blocks: list[nn.Module] = []
+        for i, (width_in, width_out) in enumerate(itertools.pairwise(widths)):
+            blocks.append(nn.Linear(width_in, width_out))
+            if i < layers - 1:
+                blocks.append(nn.GELU())
+        self.mlp = nn.Sequential(*blocks)
+        self.apply(_init_linear)
+        self.prototypes = weight_norm(nn.Linear(bottleneck_dim, num_clusters, bias=False))
+        gain = self.prototypes.parametrizations.weight.original0
+        gain.data.fill_(1.0)
+        gain.requires_grad = not norm_last_layer
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, D) features -> (B, K) logits."""
+        z = F.normalize(self.mlp(features), dim=-1, eps=1e-6)
+        logits: Tensor = self.prototypes(z)
+        return logits
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class MultiCropNetwork(nn.Module):
+    """Backbone + head applied to a list of views, one backbone pass per resolution.
+
+    Views of the same size are concatenated so the backbone runs once per resolution
+    (twice with global and local crops), the head once on everything.
+    """
+
+    def __init__(self, backbone: nn.Module, head: ProjectionHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, views: Sequence[Tensor]) -> Tensor:
+        """List of V tensors (B, 3, h_v, w_v) -> (V, B, K) logits."""
+        features = []
+        for _, group in itertools.groupby(views, key=lambda v: v.shape[-2:]):
+            features.append(self.backbone(torch.cat(list(group))))
+        logits: Tensor = self.head(torch.cat(features))
+        return logits.reshape(len(views), views[0].shape[0], -1)
+
+
+def build_network(config: ModelConfig, num_clusters: int, image_size: int) -> MultiCropNetwork:
+    """The student architecture of a config (the teacher is its EMA copy)."""
+    backbone = build_backbone(config, image_size)
+    head = ProjectionHead(
+        in_dim=backbone.num_features,
+        num_clusters=num_clusters,
+        hidden_dim=config.head_hidden_dim,
+        bottleneck_dim=config.head_bottleneck_dim,
+        layers=config.head_layers,
+        norm_last_layer=config.norm_last_layer,
+    )
+    return MultiCropNetwork(backbone, head)
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen copy of the student: updated only by `update_teacher`."""
+    teacher = copy.deepcopy(student)
+    for parameter in teacher.parameters():
+        parameter.requires_grad = False
+    return teacher
+
+
+@torch.no_grad()
+def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameters and buffers.
+
+    ``student`` is the plain module (unwrap DDP first). Every rank applies the same
+    update to identical weights, so the teacher stays identical across ranks without
+    communication. Buffers (e.g. BatchNorm running statistics) are copied.
+    """
+    teacher_params = list(teacher.parameters())
+    student_params = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers(), strict=True):
+        teacher_buffer.copy_(student_buffer)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel (or the module itself)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
