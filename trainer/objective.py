@@ -87,7 +87,10 @@ def _sinkhorn_knopp(scaled_logits: Tensor, *, iterations: int, reduce: Reduce | 
     reduce = reduce or _identity
     shape = scaled_logits.shape
     q = torch.exp(scaled_logits.reshape(-1, shape[-1]).double()).t()  # (K, B)
-    if not torch.isfinite(q).all():
+    # Every rank must learn of an overflow on any rank, or the others would wait forever
+    # in the next all-reduce: so the check itself is reduced.
+    overflowed = reduce((~torch.isfinite(q)).any().to(q.dtype).reshape(1))
+    if overflowed.item() > 0:
         raise FloatingPointError(
             "sinkhorn: exp(teacher_logits / teacher_temp) overflowed; logits are too large "
             "for this temperature"
