@@ -98,7 +98,6 @@ def train_locally(
         The final metrics, including ``knn_top1`` when the data has labels.
     """
     console = console or Console(stderr=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
     payload = None
     if resume:
         checkpoint = latest_checkpoint(output_dir / "checkpoints")
@@ -106,7 +105,10 @@ def train_locally(
             raise FileNotFoundError(f"--resume: no checkpoint under {output_dir / 'checkpoints'}")
         _warn_config_changes(load_checkpoint_config(checkpoint), config, console)
         payload = load_payload(checkpoint)
-        console.print(f"resuming from {checkpoint} (epoch {payload['epoch']}, step {payload['step']})")
+        console.print(
+            f"resuming from {checkpoint} (epoch {payload['epoch']}, step {payload['step']})"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(config.to_json())
 
     run = build_run(config)

@@ -132,7 +132,12 @@ def evaluate(run: Run) -> dict[str, float]:
 
 
 def run_training(
-    run: Run, hooks: LoopHooks, *, resume: dict[str, Any] | None = None, evaluates: bool = True
+    run: Run,
+    hooks: LoopHooks,
+    *,
+    resume: dict[str, Any] | None = None,
+    evaluates: bool = True,
+    until_epoch: int | None = None,
 ) -> dict[str, float]:
     """Train from the run's current state (or ``resume`` payload) to the last epoch.
 
@@ -141,6 +146,8 @@ def run_training(
         hooks: the runner's reactions to logs and epoch ends.
         resume: a checkpoint payload to continue from (next step, same schedules).
         evaluates: whether this worker runs the k-NN evaluation (rank 0 on a cluster).
+        until_epoch: stop after this many completed epochs (default: the config's
+            ``schedule.epochs``); the schedules still span the whole run.
 
     Returns:
         The metrics of the last epoch, with k-NN accuracy when evaluated.
@@ -149,7 +156,7 @@ def run_training(
         restore_state(run.state, resume)
     config = run.config
     metrics: dict[str, float] = {}
-    for epoch in range(run.state.epoch, config.schedule.epochs):
+    for epoch in range(run.state.epoch, until_epoch or config.schedule.epochs):
         sampler = run.train_loader.sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)

@@ -1,0 +1,40 @@
+"""Config factories for tests: tiny runs that train in seconds on two CPU cores."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from trainer.config import TrainConfig, validate_config
+
+torch.set_num_threads(2)
+
+
+def tiny_config(**sections: dict[str, Any]) -> TrainConfig:
+    """A digits run small enough for unit tests; ``sections`` override fields by section."""
+    raw: dict[str, dict[str, Any]] = {
+        "data": {
+            "kind": "digits",
+            "max_samples": 256,
+            "holdout_fraction": 0.2,
+            "global_crop_size": 16,
+            "local_crop_size": 8,
+            "num_local_crops": 2,
+            "batch_size": 32,
+        },
+        "model": {
+            "backbone": "vit_tiny_patch16_224",
+            "patch_size": 4,
+            "backbone_kwargs": {"depth": 1},
+            "head_hidden_dim": 64,
+            "head_bottleneck_dim": 32,
+        },
+        "objective": {"num_clusters": 32},
+        "schedule": {"epochs": 2, "warmup_epochs": 1},
+        "eval": {"knn_k": [5, 20]},
+        "runtime": {"log_every_steps": 2},
+    }
+    for section, fields in sections.items():
+        raw.setdefault(section, {}).update(fields)
+    return validate_config(raw)

@@ -1,0 +1,173 @@
+"""The training step, the epoch loop, checkpoints and resume, on tiny digits runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.factories import tiny_config
+from trainer.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint_config,
+    load_payload,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from trainer.config import TrainConfig
+from trainer.engine import TrainingState, parameter_groups, train_step
+from trainer.loop import build_run, run_training
+from trainer.models import unwrap
+
+DIAGNOSTICS = {
+    "loss",
+    "kl",
+    "teacher_entropy",
+    "prior_entropy",
+    "effective_clusters",
+    "mutual_info",
+}
+
+
+class RecordingHooks:
+    """Keeps every log and epoch-end record, checkpointing into ``root`` when given."""
+
+    def __init__(self, config: TrainConfig, root: Path | None = None) -> None:
+        self.config = config
+        self.root = root
+        self.logs: list[tuple[int, dict[str, float]]] = []
+        self.epochs: list[tuple[int, dict[str, float]]] = []
+
+    def on_log(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        self.logs.append((state.step, metrics))
+
+    def on_epoch_end(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        self.epochs.append((state.epoch, metrics))
+        if self.root is not None:
+            save_checkpoint(self.root / checkpoint_name(state.epoch), state, self.config)
+
+
+def first_batch_views(config: TrainConfig) -> tuple[TrainingState, list[torch.Tensor]]:
+    run = build_run(config)
+    views, _ = next(iter(run.train_loader))
+    return run.state, views
+
+
+def test_step_updates_student_and_teacher_and_reports_diagnostics(tiny: TrainConfig) -> None:
+    run = build_run(tiny)
+    views, _ = next(iter(run.train_loader))
+    student = unwrap(run.state.student)
+    backbone_before = [p.detach().clone() for p in student.backbone.parameters()]
+    teacher_before = [p.detach().clone() for p in run.state.teacher.parameters()]
+    prototypes_before = student.head.prototypes.parametrizations.weight.original1.clone()
+    schedule = run.schedules.at(5)  # past warm-up start: lr > 0
+    result = train_step(run.state, views, schedule, tiny, precision="fp32", with_diagnostics=True)
+    assert set(result.diagnostics) == DIAGNOSTICS
+    values = {k: float(v) for k, v in result.diagnostics.items()}
+    assert math.isfinite(values["loss"])
+    k = tiny.objective.num_clusters
+    assert 1.0 - 1e-4 <= values["effective_clusters"] <= k + 1e-3
+    assert 0.0 <= values["teacher_entropy"] <= math.log(k) + 1e-4
+    assert values["mutual_info"] >= -1e-5
+    assert values["kl"] == pytest.approx(values["loss"] - values["teacher_entropy"], abs=1e-5)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(backbone_before, student.backbone.parameters())
+    )
+    # Epoch 0 freezes the prototypes (freeze_last_layer_epochs = 1).
+    torch.testing.assert_close(
+        student.head.prototypes.parametrizations.weight.original1, prototypes_before
+    )
+    momentum = schedule.teacher_momentum
+    for old, new, s in zip(
+        teacher_before, run.state.teacher.parameters(), student.parameters(), strict=True
+    ):
+        torch.testing.assert_close(new, momentum * old + (1 - momentum) * s.detach())
+
+
+def test_teacher_never_receives_gradients(tiny: TrainConfig) -> None:
+    run = build_run(tiny)
+    views, _ = next(iter(run.train_loader))
+    train_step(run.state, views, run.schedules.at(3), tiny, precision="fp32")
+    assert all(p.grad is None for p in run.state.teacher.parameters())
+
+
+def test_biases_and_norms_get_no_weight_decay(tiny: TrainConfig) -> None:
+    run = build_run(tiny)
+    decay, no_decay = parameter_groups(unwrap(run.state.student))
+    assert all(p.ndim > 1 for p in decay["params"])  # type: ignore[attr-defined]
+    assert all(p.ndim <= 1 for p in no_decay["params"])  # type: ignore[attr-defined]
+    assert no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("mode", ["prior", "center", "sinkhorn", "none"])
+def test_every_mode_trains_an_epoch(mode: str) -> None:
+    config = tiny_config(objective={"mode": mode}, schedule={"epochs": 1})
+    run = build_run(config)
+    hooks = RecordingHooks(config)
+    metrics = run_training(run, hooks, evaluates=False)
+    assert math.isfinite(metrics["epoch_loss"])
+    assert run.state.epoch == 1
+    assert run.state.step == run.schedules.steps_per_epoch
+    assert [epoch for epoch, _ in hooks.epochs] == [1]
+    # Logged every log_every_steps steps and at the last step of the epoch.
+    logged_steps = [step for step, _ in hooks.logs]
+    assert logged_steps[-1] == run.state.step
+    assert all(step % 2 == 0 or step == run.state.step for step in logged_steps)
+
+
+def test_resume_continues_at_the_next_step_with_identical_results(
+    tmp_path: Path, tiny: TrainConfig
+) -> None:
+    # Reference: two epochs in one go.
+    straight = build_run(tiny)
+    straight_hooks = RecordingHooks(tiny)
+    run_training(straight, straight_hooks, evaluates=False)
+
+    # Interrupted after epoch 1 of the same 2-epoch schedule, then rebuilt and resumed.
+    root = tmp_path / "checkpoints"
+    first = build_run(tiny)
+    run_training(first, RecordingHooks(tiny, root), evaluates=False, until_epoch=1)
+    checkpoint = latest_checkpoint(root)
+    assert checkpoint is not None and checkpoint.name == "epoch_0001"
+    payload = load_payload(checkpoint)
+    assert payload["epoch"] == 1
+    assert payload["step"] == first.schedules.steps_per_epoch
+    assert load_checkpoint_config(checkpoint) == tiny
+
+    resumed = build_run(tiny)
+    resumed_hooks = RecordingHooks(tiny)
+    run_training(resumed, resumed_hooks, resume=payload, evaluates=False)
+    assert resumed.state.step == straight.state.step
+    assert [e for e, _ in resumed_hooks.epochs] == [2]
+    # The resumed run logs only steps after the checkpoint, the same ones as straight.
+    resumed_steps = [s for s, _ in resumed_hooks.logs]
+    assert min(resumed_steps) > payload["step"]
+    assert resumed_steps == [s for s, _ in straight_hooks.logs if s > payload["step"]]
+    for a, b in zip(
+        straight.state.teacher.state_dict().values(),
+        resumed.state.teacher.state_dict().values(),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(straight.state.statistics.prior, resumed.state.statistics.prior)
+
+
+def test_checkpoints_are_atomic_listed_and_pruned(tmp_path: Path, tiny: TrainConfig) -> None:
+    run = build_run(tiny)
+    for epoch in (1, 2, 3):
+        run.state.epoch = epoch
+        save_checkpoint(tmp_path / checkpoint_name(epoch), run.state, tiny)
+    (tmp_path / "epoch_0004.tmp").mkdir()  # a crash mid-write leaves only a staging dir
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "epoch_0001",
+        "epoch_0002",
+        "epoch_0003",
+    ]
+    prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch_0002", "epoch_0003"]
+    with pytest.raises(FileNotFoundError, match="not a klssl checkpoint"):
+        load_payload(tmp_path / "epoch_0004.tmp")

@@ -1,0 +1,534 @@
+"""Datasets, their train / held-out split, and the loaders that turn them into views.
+
+Four built-in kinds (DESIGN.md section 5), none of which downloads anything:
+
+- ``digits``: scikit-learn's shipped 8x8 digits, grey replicated to RGB (kept at 8x8;
+  the crops upscale).
+- ``synthetic``: generated images with a known cluster structure (`make_synthetic`).
+- ``imagefolder``: a folder per class (``root/<class>/<image>``, or
+  ``root/train/<class>/<image>``), decoded lazily with ``torchvision.io.decode_image``.
+- ``cifar10``: the CIFAR-10 binary release (``data_batch_{1..5}.bin``, optional
+  ``test_batch.bin``).
+
+Every dataset item is ``(uint8 (3, H, W) tensor, int label)``. The held-out split is the
+last ``holdout_fraction`` of every class (sorted file order for folders, a seeded order
+for in-memory sets; at least one image per class), or CIFAR-10's test batch when present;
+it is never trained on and serves the labelled k-NN evaluation. The training loader
+yields multi-crop views (`trainer.augment.MultiCropAugmentation`), the evaluation loader
+one deterministic view per image (`trainer.augment.eval_transform`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.io import ImageReadMode, decode_image
+
+from trainer.augment import MultiCropAugmentation, eval_transform
+from trainer.config import DataConfig, DatasetKind
+
+Item = tuple[Tensor, int]
+"""One image, uint8 (3, H, W), and its class index."""
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
+"""File types an imagefolder may hold (what ``decode_image`` reads), case-insensitive."""
+SPLIT_FOLDERS = frozenset({"train", "val", "valid", "validation", "test"})
+"""Subfolders that mark a root holding splits rather than classes (``train`` is used)."""
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch.bin"
+CIFAR10_RECORD = 1 + 3 * 32 * 32
+"""Bytes per CIFAR-10 binary record: the label, then the R, G and B planes of 32x32."""
+
+
+@dataclass
+class DataSplits:
+    """A dataset split into the images to train on and the labelled held-out images."""
+
+    train: Dataset[Item]
+    holdout: Dataset[Item]
+    num_classes: int
+    class_names: list[str]
+
+
+class TensorImages(Dataset[Item]):
+    """In-memory images: uint8 (N, 3, H, W) and int64 (N,) labels.
+
+    ``ids`` (int64 (N,), default 0..N-1) are the images' positions in the full set they
+    came from, kept by `subset`, so splits can be told apart and traced back.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, ids: Tensor | None = None) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        self.ids = torch.arange(images.shape[0]) if ids is None else ids
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> Item:
+        return self.images[index], int(self.labels[index])
+
+    def subset(self, indices: Sequence[int]) -> TensorImages:
+        """The images at ``indices``, in that order (copied, so the rest can be freed)."""
+        index = torch.as_tensor(list(indices), dtype=torch.int64)
+        return TensorImages(self.images[index].contiguous(), self.labels[index], self.ids[index])
+
+
+class ImageFiles(Dataset[Item]):
+    """Image files decoded on access to uint8 RGB (3, H, W) tensors."""
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int]) -> None:
+        if len(files) != len(labels):
+            raise ValueError(f"{len(files)} files but {len(labels)} labels")
+        self.files = list(files)
+        self.labels = list(labels)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Item:
+        path = self.files[index]
+        try:
+            # mode=RGB converts grey, palette and alpha images to three channels.
+            image = decode_image(str(path), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(f"cannot decode image {path}: {error}") from error
+        return image, self.labels[index]
+
+    def subset(self, indices: Sequence[int]) -> ImageFiles:
+        """The files at ``indices``, in that order."""
+        return ImageFiles([self.files[i] for i in indices], [self.labels[i] for i in indices])
+
+
+def build_splits(config: DataConfig, seed: int) -> DataSplits:
+    """Load the dataset of ``config.kind`` and split it into train and held-out images.
+
+    Args:
+        config: the data section (kind, path, holdout_fraction, max_samples, and the
+            synthetic_* fields for ``synthetic``).
+        seed: seeds the synthetic images and the order in which in-memory sets are split.
+
+    Returns:
+        The splits; ``max_samples`` caps the training split (class-balanced).
+
+    Raises:
+        ValueError: an unknown kind, or a path without usable data (the message names
+            the path and what is wrong).
+    """
+    builders: dict[DatasetKind, Callable[[DataConfig, int], DataSplits]] = {
+        "digits": _digits,
+        "synthetic": _synthetic,
+        "imagefolder": _imagefolder,
+        "cifar10": _cifar10,
+    }
+    builder = builders.get(config.kind)
+    if builder is None:
+        raise ValueError(f"unknown dataset kind {config.kind!r}; valid: {', '.join(builders)}")
+    return builder(config, seed)
+
+
+def _required_path(config: DataConfig) -> Path:
+    if config.path is None:
+        raise ValueError(f"data.path is required for dataset kind {config.kind!r}")
+    return Path(config.path).expanduser()
+
+
+# --- in-memory kinds ----------------------------------------------------------------------
+
+
+def _digits(config: DataConfig, seed: int) -> DataSplits:
+    from sklearn.datasets import load_digits  # shipped with scikit-learn, no download
+
+    digits = load_digits()
+    # Values 0..16 -> 0..255; one grey plane replicated to RGB.
+    grey = torch.from_numpy(np.rint(digits.images * (255 / 16)).astype(np.uint8))
+    images = grey.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    names = [str(name) for name in digits.target_names]
+    return _split_in_memory(TensorImages(images, labels), names, config, seed)
+
+
+def _synthetic(config: DataConfig, seed: int) -> DataSplits:
+    images, labels = make_synthetic(
+        config.synthetic_classes, config.synthetic_samples, config.synthetic_image_size, seed
+    )
+    names = [f"cluster_{k}" for k in range(config.synthetic_classes)]
+    return _split_in_memory(TensorImages(images, labels), names, config, seed)
+
+
+def make_synthetic(
+    num_classes: int, num_samples: int, size: int, seed: int
+) -> tuple[Tensor, Tensor]:
+    """Images with a known cluster structure, deterministic given ``seed``.
+
+    Each class has a prototype: a smooth random colour pattern (a 4x4 grid of random RGB
+    values, bicubically upsampled) plus a class colour. A sample is its class prototype
+    translated circularly by up to half the side in each direction, with a random gain
+    and offset, a smooth random distractor pattern of its own and pixel noise, squashed
+    into 0..255. Classes are balanced. The translation makes raw pixels a weak signal (a
+    20-NN classifier on pixels reaches ~60% for 10 classes at 32 px, chance 10%), while
+    a network trained with random crops learns the class patterns.
+
+    Returns:
+        uint8 (N, 3, size, size) images and int64 (N,) labels.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def smooth(count: int, cells: int) -> Tensor:
+        grid = torch.randn(count, 3, cells, cells, generator=generator)
+        return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)
+
+    prototypes = smooth(num_classes, 4) + 0.6 * torch.randn(
+        num_classes, 3, 1, 1, generator=generator
+    )
+    labels = (torch.arange(num_samples) % num_classes)[
+        torch.randperm(num_samples, generator=generator)
+    ]
+    reach = size // 2
+    shifts = torch.randint(-reach, reach + 1, (num_samples, 2), generator=generator).tolist()
+    images = torch.stack(
+        [
+            torch.roll(prototypes[label], (dy, dx), dims=(1, 2))
+            for label, (dy, dx) in zip(labels.tolist(), shifts, strict=True)
+        ]
+    )
+    gain = 0.6 + 0.8 * torch.rand(num_samples, 1, 1, 1, generator=generator)
+    offset = 0.5 * torch.randn(num_samples, 1, 1, 1, generator=generator)
+    noise = 0.15 * torch.randn(num_samples, 3, size, size, generator=generator)
+    images = gain * images + offset + smooth(num_samples, 3) + noise
+    return (torch.sigmoid(images) * 255).round().to(torch.uint8), labels
+
+
+def _split_in_memory(
+    dataset: TensorImages, names: list[str], config: DataConfig, seed: int
+) -> DataSplits:
+    # A seeded order within each class, so the held-out images are a random sample.
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=generator).tolist()
+    train, holdout = _per_class_split(
+        [int(dataset.labels[i]) for i in order], order, config.holdout_fraction
+    )
+    train = _cap(train, [int(dataset.labels[i]) for i in train], config.max_samples)
+    return DataSplits(dataset.subset(train), dataset.subset(holdout), len(names), names)
+
+
+# --- imagefolder --------------------------------------------------------------------------
+
+
+def _imagefolder(config: DataConfig, seed: int) -> DataSplits:
+    del seed  # the split follows the sorted file order, as documented
+    root = find_class_root(_required_path(config))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: list[Path] = []
+    labels: list[int] = []
+    empty = []
+    for label, class_dir in enumerate(class_dirs):
+        images = sorted(
+            p
+            for p in class_dir.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+        )
+        if not images:
+            empty.append(class_dir.name)
+        files += images
+        labels += [label] * len(images)
+    if not files:
+        raise ValueError(
+            f"imagefolder {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
+            f"{len(class_dirs)} class folder(s)"
+        )
+    if empty:
+        raise ValueError(f"imagefolder {root}: class folder(s) without images: {', '.join(empty)}")
+    train, holdout = _per_class_split(labels, list(range(len(files))), config.holdout_fraction)
+    train = _cap(train, [labels[i] for i in train], config.max_samples)
+    dataset = ImageFiles(files, labels)
+    names = [p.name for p in class_dirs]
+    return DataSplits(dataset.subset(train), dataset.subset(holdout), len(names), names)
+
+
+def find_class_root(path: Path) -> Path:
+    """The folder whose subfolders are the classes: ``path`` or ``path/train``.
+
+    ``path/train`` is used when every subfolder of ``path`` is a split name
+    (`SPLIT_FOLDERS`), e.g. the unpacked CIFAR-10 JPEG archive ``train/<class>/...``.
+
+    Raises:
+        ValueError: ``path`` is not a folder, is empty, or has no subfolders.
+    """
+    if not path.is_dir():
+        raise ValueError(f"imagefolder path {path} is not a folder")
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    if not entries:
+        raise ValueError(f"imagefolder {path} is empty (expected {path}/<class>/<image>)")
+    subdirs = {p.name for p in entries if p.is_dir()}
+    if not subdirs:
+        raise ValueError(
+            f"imagefolder {path} has no class subfolders (expected {path}/<class>/<image>, "
+            f"found {len(entries)} file(s))"
+        )
+    if "train" in subdirs and subdirs <= SPLIT_FOLDERS:
+        return find_class_root(path / "train")
+    return path
+
+
+# --- cifar10 ------------------------------------------------------------------------------
+
+
+def _cifar10(config: DataConfig, seed: int) -> DataSplits:
+    folder = find_cifar10_folder(_required_path(config))
+    train_images, train_labels = read_cifar10_batches(
+        [folder / name for name in CIFAR10_TRAIN_FILES]
+    )
+    names = _cifar10_names(folder)
+    test_file = folder / CIFAR10_TEST_FILE
+    if not test_file.exists():
+        return _split_in_memory(TensorImages(train_images, train_labels), names, config, seed)
+    test_images, test_labels = read_cifar10_batches([test_file])
+    train = list(range(len(train_labels)))
+    train = _cap(train, train_labels.tolist(), config.max_samples)
+    return DataSplits(
+        TensorImages(train_images, train_labels).subset(train),
+        TensorImages(test_images, test_labels),
+        len(names),
+        names,
+    )
+
+
+def find_cifar10_folder(path: Path) -> Path:
+    """The folder holding the CIFAR-10 binary batches: ``path`` or its
+    ``cifar-10-batches-bin`` subfolder.
+
+    Raises:
+        ValueError: a training batch file is missing (the message lists which).
+    """
+    if not path.is_dir():
+        raise ValueError(f"cifar10 path {path} is not a folder")
+    nested = path / "cifar-10-batches-bin"
+    folder = nested if nested.is_dir() and not (path / CIFAR10_TRAIN_FILES[0]).exists() else path
+    missing = [name for name in CIFAR10_TRAIN_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"cifar10 folder {folder} lacks the binary batch file(s) {', '.join(missing)} "
+            "(expected the CIFAR-10 binary release: data_batch_1.bin .. data_batch_5.bin)"
+        )
+    return folder
+
+
+def read_cifar10_batches(files: Sequence[Path]) -> tuple[Tensor, Tensor]:
+    """Read CIFAR-10 binary batch files into uint8 (N, 3, 32, 32) images, int64 labels."""
+    images, labels = [], []
+    for file in files:
+        raw = np.fromfile(file, dtype=np.uint8)
+        if raw.size == 0 or raw.size % CIFAR10_RECORD:
+            raise ValueError(
+                f"cifar10 file {file} has {raw.size} bytes, not a positive multiple of the "
+                f"{CIFAR10_RECORD}-byte record (label + 3x32x32)"
+            )
+        records = raw.reshape(-1, CIFAR10_RECORD)
+        if records[:, 0].max() >= len(CIFAR10_CLASSES):
+            raise ValueError(f"cifar10 file {file} has labels >= {len(CIFAR10_CLASSES)}")
+        labels.append(torch.from_numpy(records[:, 0].astype(np.int64)))
+        images.append(torch.from_numpy(records[:, 1:].reshape(-1, 3, 32, 32).copy()))
+    return torch.cat(images), torch.cat(labels)
+
+
+def _cifar10_names(folder: Path) -> list[str]:
+    meta = folder / "batches.meta.txt"
+    if meta.is_file():
+        names = [line.strip() for line in meta.read_text().splitlines() if line.strip()]
+        if len(names) == len(CIFAR10_CLASSES):
+            return names
+    return list(CIFAR10_CLASSES)
+
+
+# --- splitting ----------------------------------------------------------------------------
+
+
+def _per_class_split(
+    labels: Sequence[int], order: Sequence[int], fraction: float
+) -> tuple[list[int], list[int]]:
+    """Indices (from ``order``) to train on and to hold out: the last ``fraction`` of
+    every class in that order, at least one image, and at least one left to train on
+    when the class has two or more."""
+    by_class: dict[int, list[int]] = {}
+    for label, index in zip(labels, order, strict=True):
+        by_class.setdefault(label, []).append(index)
+    train: list[int] = []
+    holdout: list[int] = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        count = max(1, round(len(members) * fraction))
+        if len(members) > 1:
+            count = min(count, len(members) - 1)
+        train += members[: len(members) - count]
+        holdout += members[len(members) - count :]
+    return train, holdout
+
+
+def _cap(indices: list[int], labels: Sequence[int], limit: int | None) -> list[int]:
+    """At most ``limit`` of ``indices``, class-balanced: the first of each class in turn."""
+    if limit is None or limit >= len(indices):
+        return indices
+    by_class: dict[int, list[int]] = {}
+    for label, index in zip(labels, indices, strict=True):
+        by_class.setdefault(label, []).append(index)
+    queues = [by_class[label] for label in sorted(by_class)]
+    kept: list[int] = []
+    for depth in range(max(len(q) for q in queues)):
+        for queue in queues:
+            if depth < len(queue) and len(kept) < limit:
+                kept.append(queue[depth])
+    position = {index: rank for rank, index in enumerate(indices)}
+    return sorted(kept, key=position.__getitem__)
+
+
+# --- loaders ------------------------------------------------------------------------------
+
+
+class EpochSampler(DistributedSampler[Any]):
+    """A `DistributedSampler` that yields ``(epoch, index)`` pairs.
+
+    The epoch travels with each index to the dataset (also into worker processes, which
+    never see ``set_epoch`` calls), so a view's randomness can be a function of
+    (seed, epoch, index) alone: the same views whatever the number of loader workers or
+    the order in which they finish.
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in super().__iter__():
+            yield self.epoch, index
+
+
+class MultiCropViews(Dataset[tuple[list[Tensor], int]]):
+    """``(views, label)`` for ``(epoch, index)`` keys: the multi-crop views of an image.
+
+    Args:
+        dataset: items ``(uint8 (3, H, W), label)``.
+        augmentation: makes the views.
+        seed: with the epoch and the index, seeds the generator of each item's views.
+    """
+
+    def __init__(
+        self, dataset: Dataset[Item], augmentation: MultiCropAugmentation, seed: int
+    ) -> None:
+        self.dataset = dataset
+        self.augmentation = augmentation
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[Tensor], int]:
+        epoch, index = key
+        image, label = self.dataset[index]
+        generator = torch.Generator().manual_seed(_mix(self.seed, epoch, index))
+        return self.augmentation(image, generator=generator), label
+
+
+class Transformed(Dataset[Item]):
+    """``(transform(image), label)`` for each item of ``dataset``."""
+
+    def __init__(self, dataset: Dataset[Item], transform: Callable[[Tensor], Tensor]) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Item:
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def make_train_loader(
+    dataset: Dataset[Item],
+    config: DataConfig,
+    *,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader[Any]:
+    """Shuffled batches of multi-crop views for one of ``world_size`` workers.
+
+    Each batch is ``(views, labels)``: ``views`` a list of ``config.num_views`` float32
+    (B, 3, h, w) tensors, the global views first, and ``labels`` int64 (B,), with
+    B = ``config.batch_size``. The sampler is a `DistributedSampler` (also for one
+    worker), so call ``loader.sampler.set_epoch(epoch)`` before each epoch; every rank
+    gets a disjoint shard and incomplete batches are dropped.
+
+    Raises:
+        ValueError: fewer images than one batch on every worker.
+    """
+    size = len(dataset)  # type: ignore[arg-type]
+    needed = config.batch_size * world_size
+    if size < needed:
+        raise ValueError(
+            f"{size} training images cannot fill one batch of {config.batch_size} on each of "
+            f"{world_size} worker(s) ({needed} needed); lower data.batch_size or add images"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    sampler = EpochSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    views = MultiCropViews(dataset, MultiCropAugmentation(config), seed)
+    return DataLoader(
+        views,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=config.loader_workers,
+        persistent_workers=config.loader_workers > 0,
+    )
+
+
+def make_eval_loader(
+    dataset: Dataset[Item], config: DataConfig, batch_size: int = 256
+) -> DataLoader[Any]:
+    """Batches ``(images, labels)`` in dataset order: float32 normalised (B, 3, S, S)
+    images (S = ``config.global_crop_size``, no randomness) and int64 (B,) labels."""
+    return DataLoader(
+        Transformed(dataset, eval_transform(config)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=config.loader_workers,
+        persistent_workers=config.loader_workers > 0,
+    )
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps), so nearby keys seed far apart."""
+    state = 0
+    for value in values:
+        state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15
+        state &= 0xFFFFFFFFFFFFFFFF
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 31
+    return state >> 1
