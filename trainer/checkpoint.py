@@ -104,8 +104,10 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(
         path
         for path in root.iterdir()
-        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX)
-        and not path.name.endswith(".tmp") and (path / STATE_FILE).exists()
+        if path.is_dir()
+        and path.name.startswith(CHECKPOINT_PREFIX)
+        and not path.name.endswith(".tmp")
+        and (path / STATE_FILE).exists()
     )
 
 

@@ -90,3 +90,7 @@ def evaluate_checkpoint(
 def main() -> None:
     """Entry point of the console script."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -31,6 +31,7 @@ StatisticsOrder = Literal["current", "previous"]
 DatasetKind = Literal["digits", "synthetic", "imagefolder", "cifar10"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Momentum = Annotated[float, Field(ge=0, lt=1)]
@@ -218,14 +219,20 @@ class RuntimeConfig(_Section):
 
     seed: int = Field(0, ge=0, description="Seed of every random generator.")
     device: Device = Field("auto", description="auto picks CUDA when present.")
-    precision: Precision = Field(
-        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
-    )
+    precision: Precision = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
     checkpoint_every_epochs: int = Field(1, ge=1, description="Checkpoint every N epochs.")
     log_every_steps: int = Field(10, ge=1, description="Diagnostics every N steps.")
     num_workers: int = Field(1, ge=1, description="Data-parallel training workers (Ray).")
     max_failures: int = Field(2, ge=-1, description="Worker-failure retries (-1: unlimited).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (newest).")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs reserved per training worker (Ray resources)."
+    )
+    placement_strategy: PlacementStrategy = Field(
+        "PACK",
+        description="Ray placement of the workers: PACK (fill nodes first), SPREAD, "
+        "STRICT_PACK (one node) or STRICT_SPREAD (one worker per node).",
+    )
 
 
 class TrainConfig(_Section):
@@ -293,7 +300,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise ConfigError([f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {error}"])
+        kind = path.suffix.lstrip(".") or "YAML"
+        raise ConfigError([f"{path}: not valid {kind}: {error}"]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

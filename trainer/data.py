@@ -64,8 +64,8 @@ CIFAR10_RECORD = 1 + 3 * 32 * 32
 class DataSplits:
     """A dataset split into the images to train on and the labelled held-out images."""
 
-    train: Dataset[Item]
-    holdout: Dataset[Item]
+    train: TensorImages | ImageFiles
+    holdout: TensorImages | ImageFiles
     num_classes: int
     class_names: list[str]
 

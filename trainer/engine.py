@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import Precision, TrainConfig
-from trainer.models import unwrap, update_teacher
+from trainer.models import as_network, update_teacher
 from trainer.objective import cross_view_loss, entropy, teacher_targets
 from trainer.schedules import Schedules, StepSchedule
 from trainer.statistics import BatchStatistics, ClusterStatistics, all_reduce_sum
@@ -69,7 +69,8 @@ def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractC
 
 def parameter_groups(model: nn.Module) -> list[dict[str, object]]:
     """Two groups: weights get weight decay, biases and norm parameters do not (as DINO)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
@@ -164,7 +165,7 @@ def train_step(
         state.scaler.unscale_(state.optimizer)
     else:
         loss.backward()
-    student = unwrap(state.student)
+    student = as_network(state.student)
     if config.optim.clip_grad > 0:
         _clip_per_tensor(student.parameters(), config.optim.clip_grad)
     if state.epoch < config.optim.freeze_last_layer_epochs:

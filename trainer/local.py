@@ -17,12 +17,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from trainer.checkpoint import (
+    checkpoint_name,
     latest_checkpoint,
     load_checkpoint_config,
     load_payload,
     prune_checkpoints,
     save_checkpoint,
-    checkpoint_name,
 )
 from trainer.config import TrainConfig
 from trainer.engine import TrainingState

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import timm
 import torch
@@ -27,7 +28,7 @@ def build_backbone(config: ModelConfig, image_size: int) -> nn.Module:
     spatial resolution the 7x7/2 + pool stem would throw away), ViTs get ``patch_size``
     (default 4) and ``image_size`` with dynamic image sizes so local crops also fit.
     """
-    kwargs: dict[str, object] = dict(config.backbone_kwargs)
+    kwargs: dict[str, Any] = dict(config.backbone_kwargs)
     is_vit = config.backbone.startswith(("vit_", "deit", "eva", "beit"))
     if is_vit:
         kwargs.setdefault("img_size", image_size)
@@ -131,8 +132,11 @@ class MultiCropNetwork(nn.Module):
 def build_network(config: ModelConfig, num_clusters: int, image_size: int) -> MultiCropNetwork:
     """The student architecture of a config (the teacher is its EMA copy)."""
     backbone = build_backbone(config, image_size)
+    width = backbone.num_features
+    if not isinstance(width, int):
+        raise TypeError(f"{config.backbone} does not report an integer num_features")
     head = ProjectionHead(
-        in_dim=backbone.num_features,
+        in_dim=width,
         num_clusters=num_clusters,
         hidden_dim=config.head_hidden_dim,
         bottleneck_dim=config.head_bottleneck_dim,
@@ -158,8 +162,8 @@ def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> N
     update to identical weights, so the teacher stays identical across ranks without
     communication. Buffers (e.g. BatchNorm running statistics) are copied.
     """
-    teacher_params = list(teacher.parameters())
-    student_params = [p.detach() for p in student.parameters()]
+    teacher_params: list[Tensor] = list(teacher.parameters())
+    student_params: list[Tensor] = [p.detach() for p in student.parameters()]
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
     for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers(), strict=True):
@@ -170,3 +174,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel (or the module itself)."""
     inner = getattr(model, "module", None)
     return inner if isinstance(inner, nn.Module) else model
+
+
+def as_network(model: nn.Module) -> MultiCropNetwork:
+    """The `MultiCropNetwork` of a student or teacher, DDP-wrapped or not."""
+    network = unwrap(model)
+    if not isinstance(network, MultiCropNetwork):
+        raise TypeError(f"expected a MultiCropNetwork, got {type(network).__name__}")
+    return network

@@ -100,7 +100,5 @@ class ClusterStatistics(nn.Module):
         """
         batch = self.measure(teacher_logits, teacher_temp)
         self.prior.mul_(self.momentum).add_(batch.prior.to(self.prior), alpha=1 - self.momentum)
-        self.center.mul_(self.momentum).add_(
-            batch.center.to(self.center), alpha=1 - self.momentum
-        )
+        self.center.mul_(self.momentum).add_(batch.center.to(self.center), alpha=1 - self.momentum)
         return batch

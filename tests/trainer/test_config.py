@@ -104,7 +104,7 @@ def test_overrides_are_parsed_and_validated(tmp_path: Path) -> None:
 
 
 def test_malformed_overrides_and_files_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="section.field=value"):
+    with pytest.raises(ConfigError, match=r"section\.field=value"):
         apply_overrides({}, ["schedule.epochs"])
     with pytest.raises(ConfigError, match="is a value, not a section"):
         apply_overrides({"name": "x"}, ["name.first=1"])

@@ -75,7 +75,8 @@ def test_step_updates_student_and_teacher_and_reports_diagnostics(tiny: TrainCon
     assert values["mutual_info"] >= -1e-5
     assert values["kl"] == pytest.approx(values["loss"] - values["teacher_entropy"], abs=1e-5)
     assert any(
-        not torch.equal(a, b) for a, b in zip(backbone_before, student.backbone.parameters())
+        not torch.equal(a, b)
+        for a, b in zip(backbone_before, student.backbone.parameters(), strict=True)
     )
     # Epoch 0 freezes the prototypes (freeze_last_layer_epochs = 1).
     torch.testing.assert_close(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from trainer.config import TrainConfig
@@ -21,7 +23,7 @@ def test_warmup_cosine_rises_linearly_then_decays() -> None:
     assert values[5] == pytest.approx(0.5)
     assert values[10] == pytest.approx(1.0)
     assert values[100] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values[10:]))
     # A warm-up longer than the run is cut to the run.
     assert warmup_cosine(99, 100, 500, 1.0, 0.1) == pytest.approx(0.99)
 
