@@ -27,6 +27,16 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_PREFIX = "epoch_"
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's random generator states (a checkpoint's ``rng`` entry)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
 def state_payload(state: TrainingState) -> dict[str, Any]:
     """The training state as a dict of tensors and plain values."""
     return {
@@ -37,12 +47,7 @@ def state_payload(state: TrainingState) -> dict[str, Any]:
         "scaler": None if state.scaler is None else state.scaler.state_dict(),
         "epoch": state.epoch,
         "step": state.step,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        },
+        "rng": rng_state(),
     }
 
 

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, TrainConfig, load_config
 
 app = typer.Typer(
     name="klssl",
@@ -46,25 +46,66 @@ def train(
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in --output.")
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            "-w",
+            min=1,
+            help="Train on Ray with N workers (RAY_ADDRESS, else a local Ray), tracked in MLflow.",
+        ),
+    ] = None,
 ) -> None:
-    """Train a config in this process (no service, no Ray) and print the k-NN accuracy."""
+    """Train a config and print the k-NN accuracy.
+
+    Without --workers the run stays in this process (no Ray, no MLflow); with it, it runs
+    data-parallel on Ray Train and is recorded in MLflow (KLSSL_MLFLOW_TRACKING_URI, else
+    a SQLite store in --output).
+    """
     try:
         config = load_config(config_path, overrides or [])
     except ConfigError as error:
         console.print(f"[red]{error}[/]")
         raise typer.Exit(2) from None
-    from trainer.local import train_locally  # torch and timm load only when training
+    if workers is not None:
+        metrics = _train_on_ray(config, output, workers)
+    else:
+        from trainer.local import train_locally  # torch and timm load only when training
 
-    try:
-        metrics = train_locally(config, output, resume=resume, show_progress=progress)
-    except FileNotFoundError as error:
-        console.print(f"[red]{error}[/]")
-        raise typer.Exit(1) from None
+        try:
+            metrics = train_locally(config, output, resume=resume, show_progress=progress)
+        except FileNotFoundError as error:
+            console.print(f"[red]{error}[/]")
+            raise typer.Exit(1) from None
     summary = {key: round(value, 4) for key, value in metrics.items()}
     console.print(f"final metrics: {json.dumps(summary)}")
     if "knn_top1" in metrics:
         typer.echo(f"k-NN top-1 (k={config.eval.knn_k[0]}): {metrics['knn_top1']:.2f}%")
     typer.echo(f"outputs in {output}")
+
+
+def _train_on_ray(config: TrainConfig, output: Path, workers: int) -> dict[str, float]:
+    """Run ``config`` with Ray Train; a rerun with the same output resumes from Ray."""
+    import os
+
+    from trainer.launch import LaunchError, TrainingFailedError, launch_training
+    from trainer.tracking import resolve_tracking_uri
+
+    try:
+        result = launch_training(
+            config,
+            workers=workers,
+            storage_path=os.environ.get("KLSSL_STORAGE_PATH") or str(output.resolve() / "ray"),
+            tracking_uri=resolve_tracking_uri(output),
+        )
+    except LaunchError as error:
+        console.print(f"[red]cannot start the run: {error}[/]")
+        raise typer.Exit(3) from None
+    except TrainingFailedError as error:
+        console.print(f"[red]training failed: {error}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"MLflow run {result.mlflow_run_id} in {resolve_tracking_uri(output)}")
+    return result.metrics
 
 
 @app.command("eval")

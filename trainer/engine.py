@@ -200,13 +200,16 @@ def collapse_diagnostics(
     - kl = E[KL(Q || P_s)] = loss - teacher_entropy, since every target view enters
       the pair average equally often.
     """
+    # Entropies and the loss are averaged over the global batch in one all-reduce (the
+    # loss weighted by each rank's count), so every rank reports the same numbers.
     count = torch.tensor(float(targets[..., 0].numel()), device=targets.device)
-    sums = all_reduce_sum(torch.stack([entropy(targets).sum(), count]))
+    sums = all_reduce_sum(torch.stack([entropy(targets).sum(), count, loss.float() * count]))
     target_entropy = sums[0] / sums[1]
+    global_loss = sums[2] / sums[1]
     prior_entropy = entropy(statistics.prior.float())
     return {
-        "loss": loss,
-        "kl": loss - target_entropy,
+        "loss": global_loss,
+        "kl": global_loss - target_entropy,
         "teacher_entropy": target_entropy,
         "prior_entropy": prior_entropy,
         "effective_clusters": prior_entropy.exp(),

@@ -20,6 +20,24 @@ from torch.nn.utils.parametrizations import weight_norm
 from trainer.config import ModelConfig
 
 
+def is_vit(config: ModelConfig) -> bool:
+    """Whether the backbone is a Vision Transformer (patch size and image size apply)."""
+    return config.backbone.startswith(("vit_", "deit", "eva", "beit"))
+
+
+def backbone_kwargs(config: ModelConfig, image_size: int) -> dict[str, Any]:
+    """The keyword arguments of ``timm.create_model`` for a config's backbone."""
+    kwargs: dict[str, Any] = dict(config.backbone_kwargs)
+    if is_vit(config):
+        kwargs.setdefault("img_size", image_size)
+        kwargs.setdefault("dynamic_img_size", True)
+        if config.patch_size is not None:
+            kwargs.setdefault("patch_size", config.patch_size)
+        elif config.small_images:
+            kwargs.setdefault("patch_size", 4)
+    return kwargs
+
+
 def build_backbone(config: ModelConfig, image_size: int) -> nn.Module:
     """A timm backbone that maps (B, 3, H, W) images to (B, D) features.
 
@@ -28,17 +46,10 @@ def build_backbone(config: ModelConfig, image_size: int) -> nn.Module:
     spatial resolution the 7x7/2 + pool stem would throw away), ViTs get ``patch_size``
     (default 4) and ``image_size`` with dynamic image sizes so local crops also fit.
     """
-    kwargs: dict[str, Any] = dict(config.backbone_kwargs)
-    is_vit = config.backbone.startswith(("vit_", "deit", "eva", "beit"))
-    if is_vit:
-        kwargs.setdefault("img_size", image_size)
-        kwargs.setdefault("dynamic_img_size", True)
-        if config.patch_size is not None:
-            kwargs.setdefault("patch_size", config.patch_size)
-        elif config.small_images:
-            kwargs.setdefault("patch_size", 4)
-    backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, **kwargs)
-    if config.small_images and not is_vit:
+    backbone = timm.create_model(
+        config.backbone, pretrained=False, num_classes=0, **backbone_kwargs(config, image_size)
+    )
+    if config.small_images and not is_vit(config):
         _small_image_stem(backbone)
     return backbone
 
