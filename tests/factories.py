@@ -11,9 +11,10 @@ from trainer.config import TrainConfig, validate_config
 torch.set_num_threads(2)
 
 
-def tiny_config(**sections: dict[str, Any]) -> TrainConfig:
+def tiny_config(name: str = "klssl-test", **sections: dict[str, Any]) -> TrainConfig:
     """A digits run small enough for unit tests; ``sections`` override fields by section."""
-    raw: dict[str, dict[str, Any]] = {
+    raw: dict[str, Any] = {
+        "name": name,
         "data": {
             "kind": "digits",
             "max_samples": 256,

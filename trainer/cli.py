@@ -85,25 +85,16 @@ def train(
 
 
 def _train_on_ray(config: TrainConfig, output: Path, workers: int) -> dict[str, float]:
-    """Run ``config`` with Ray Train; a rerun with the same output resumes from Ray."""
-    import os
-
-    from trainer.launch import LaunchError, TrainingFailedError, launch_training
+    """Run ``config`` with Ray Train, tracked in MLflow (exit codes of ``trainer.run``)."""
+    from trainer.run import default_storage_path, launch_or_exit
     from trainer.tracking import resolve_tracking_uri
 
-    try:
-        result = launch_training(
-            config,
-            workers=workers,
-            storage_path=os.environ.get("KLSSL_STORAGE_PATH") or str(output.resolve() / "ray"),
-            tracking_uri=resolve_tracking_uri(output),
-        )
-    except LaunchError as error:
-        console.print(f"[red]cannot start the run: {error}[/]")
-        raise typer.Exit(3) from None
-    except TrainingFailedError as error:
-        console.print(f"[red]training failed: {error}[/]")
-        raise typer.Exit(1) from None
+    result = launch_or_exit(
+        config,
+        workers=workers,
+        storage_path=default_storage_path(output),
+        tracking_uri=resolve_tracking_uri(output),
+    )
     console.print(f"MLflow run {result.mlflow_run_id} in {resolve_tracking_uri(output)}")
     return result.metrics
 

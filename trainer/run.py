@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, TrainConfig, load_config
+
+if TYPE_CHECKING:
+    from trainer.launch import LaunchResult
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
@@ -37,6 +40,26 @@ def _parse_tags(pairs: list[str]) -> dict[str, str]:
             )
         tags[key] = value
     return tags
+
+
+def default_storage_path(output: Path) -> str:
+    """``KLSSL_STORAGE_PATH``, else ``<output>/ray`` (absolute: Ray workers run elsewhere)."""
+    return os.environ.get("KLSSL_STORAGE_PATH") or str(output.resolve() / "ray")
+
+
+def launch_or_exit(config: TrainConfig, **launch_options: Any) -> LaunchResult:
+    """`launch_training`, turning its failures into a message and this module's exit codes."""
+    # The launch module prepares Ray's environment, so it is imported before Ray is.
+    from trainer.launch import LaunchError, TrainingFailedError, launch_training
+
+    try:
+        return launch_training(config, **launch_options)
+    except LaunchError as error:
+        console.print(f"[red]cannot start the run: {error}[/]")
+        raise typer.Exit(3) from None
+    except TrainingFailedError as error:
+        console.print(f"[red]training failed: {error}[/]")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -85,31 +108,21 @@ def main(
         raise typer.BadParameter("--alias needs --register-as", param_hint="--alias")
     run_tags = _parse_tags(tags or [])
 
-    # Ray, torch and MLflow load only once the arguments are known to be valid; the
-    # launch module first, as it prepares Ray's environment before Ray is imported.
-    from trainer.launch import LaunchError, TrainingFailedError, launch_training
+    # Ray, torch and MLflow load only once the arguments are known to be valid.
     from trainer.tracking import resolve_tracking_uri
 
-    storage = storage_path or os.environ.get("KLSSL_STORAGE_PATH") or str(output / "ray")
     tracking_uri = resolve_tracking_uri(output) if tracking else None
-    try:
-        result = launch_training(
-            config,
-            workers=workers,
-            storage_path=storage,
-            tracking_uri=tracking_uri,
-            run_name=run_name,
-            mlflow_run_id=mlflow_run_id,
-            tags=run_tags,
-            register_as=register_as,
-            register_alias=alias,
-        )
-    except LaunchError as error:
-        console.print(f"[red]cannot start the run: {error}[/]")
-        raise typer.Exit(3) from None
-    except TrainingFailedError as error:
-        console.print(f"[red]training failed: {error}[/]")
-        raise typer.Exit(1) from None
+    result = launch_or_exit(
+        config,
+        workers=workers,
+        storage_path=storage_path or default_storage_path(output),
+        tracking_uri=tracking_uri,
+        run_name=run_name,
+        mlflow_run_id=mlflow_run_id,
+        tags=run_tags,
+        register_as=register_as,
+        register_alias=alias,
+    )
     if "knn_top1" in result.metrics:
         console.print(f"k-NN top-1 (k={config.eval.knn_k[0]}): {result.metrics['knn_top1']:.2f}%")
     summary = {

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 import trainer.launch as launch  # sets RAY_TRAIN_V2_ENABLED before ray.train loads
+from tests import factories
 from trainer.config import TrainConfig, validate_config
 from trainer.engine import TrainingState, build_optimizer, train_step
 from trainer.evaluation import extract_features, knn_report
@@ -55,34 +56,22 @@ pytestmark = pytest.mark.slow
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+RAY_TEST_FIELDS: dict[str, dict[str, Any]] = {
+    "data": {"max_samples": 128, "batch_size": 16},
+    "model": {"head_layers": 2},
+    "schedule": {"epochs": 2, "warmup_epochs": 0},
+    "eval": {"knn_k": [5]},
+    "runtime": {"device": "cpu", "log_every_steps": 1, "checkpoint_every_epochs": 1},
+}
+
+
 def tiny_config(**sections: dict[str, Any]) -> TrainConfig:
-    """A ViT of one block on 16 px digits crops, K = 32: a step is milliseconds on a CPU."""
-    raw: dict[str, Any] = {
-        "name": "ray-test",
-        "data": {
-            "kind": "digits",
-            "max_samples": 128,
-            "global_crop_size": 16,
-            "local_crop_size": 8,
-            "num_local_crops": 2,
-            "batch_size": 16,
-        },
-        "model": {
-            "backbone": "vit_tiny_patch16_224",
-            "patch_size": 4,
-            "backbone_kwargs": {"depth": 1},
-            "head_hidden_dim": 64,
-            "head_bottleneck_dim": 32,
-            "head_layers": 2,
-        },
-        "objective": {"num_clusters": 32},
-        "schedule": {"epochs": 2, "warmup_epochs": 0},
-        "eval": {"knn_k": [5]},
-        "runtime": {"device": "cpu", "log_every_steps": 1, "checkpoint_every_epochs": 1},
+    """The shared tiny digits config, logging and checkpointing at every chance."""
+    merged = {
+        section: {**RAY_TEST_FIELDS.get(section, {}), **sections.get(section, {})}
+        for section in RAY_TEST_FIELDS.keys() | sections.keys()
     }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    return validate_config(raw)
+    return factories.tiny_config(name="ray-test", **merged)
 
 
 @pytest.fixture(scope="module")

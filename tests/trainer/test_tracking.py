@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -14,6 +15,7 @@ import timm
 import torch
 from mlflow.tracking import MlflowClient
 
+from tests import factories
 from trainer.config import ModelConfig, TrainConfig, validate_config
 from trainer.models import build_backbone
 from trainer.tracking import (
@@ -28,22 +30,8 @@ from trainer.tracking import (
 )
 
 
-def tiny_config(**runtime: object) -> TrainConfig:
-    return validate_config(
-        {
-            "name": "tracking-test",
-            "data": {"kind": "digits", "global_crop_size": 16, "local_crop_size": 8},
-            "model": {
-                "backbone": "vit_tiny_patch16_224",
-                "patch_size": 4,
-                "backbone_kwargs": {"depth": 1},
-                "head_hidden_dim": 32,
-                "head_bottleneck_dim": 16,
-            },
-            "objective": {"num_clusters": 32},
-            "runtime": runtime,
-        }
-    )
+def tiny_config(**runtime: Any) -> TrainConfig:
+    return factories.tiny_config(name="tracking-test", runtime=runtime)
 
 
 @pytest.fixture
