@@ -25,7 +25,7 @@ local      local_crop_scale    0.5   0.8     0.2   0.5   -
 
 Why it is not one ``v2.Compose`` per view: on one CPU core that plain port of the recipe
 runs at 0.3x (224 px crops) to 0.5x (32 px crops) the speed of DINO's PIL pipeline
-(benchmarks/augmentation.py, docs/benchmark-augmentation.md): its
+(benchmarks/augmentation.py, docs/benchmarks.md): its
 Gaussian blur is a dense 2-D convolution (23 x 23 taps at 224 px, tens of ms per view),
 its hue kernel goes through ``torch.where`` and ``gather`` passes that cost more than
 PIL's uint8 HSV round trip, and per-call overhead dominates on small local crops. So:

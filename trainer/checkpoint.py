@@ -97,6 +97,12 @@ def restore_state(state: TrainingState, payload: dict[str, Any]) -> None:
     random.setstate(rng["python"])
 
 
+def checkpoint_due(config: TrainConfig, epoch: int) -> bool:
+    """Whether a checkpoint is taken after ``epoch`` completed epochs (always after the last)."""
+    every = config.runtime.checkpoint_every_epochs
+    return epoch % every == 0 or epoch == config.schedule.epochs
+
+
 def checkpoint_name(epoch: int) -> str:
     """The directory name of the checkpoint taken after ``epoch`` completed epochs."""
     return f"{CHECKPOINT_PREFIX}{epoch:04d}"

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict
 from ray.train.v2._internal.constants import is_v2_enabled
 
 from trainer.checkpoint import (
+    checkpoint_due,
     checkpoint_name,
     load_checkpoint_config,
     load_payload,
@@ -341,13 +342,10 @@ class RayHooks:
         for hooks in self.extra:
             hooks.on_epoch_end(state, metrics)
         config = self.run.config
-        take = state.epoch % config.runtime.checkpoint_every_epochs == 0 or (
-            state.epoch == config.schedule.epochs
-        )
         if self.logger is not None:
             self.logger.log(metrics, step=state.step)
         report = {**metrics, "epoch": float(state.epoch), "step": float(state.step)}
-        if not take:
+        if not checkpoint_due(config, state.epoch):
             ray.train.report(report)
             return
         name = checkpoint_name(state.epoch)

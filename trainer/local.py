@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from trainer.checkpoint import (
+    checkpoint_due,
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint_config,
@@ -63,9 +64,7 @@ class LocalHooks:
     def on_epoch_end(self, state: TrainingState, metrics: dict[str, float]) -> None:
         self._write({"step": state.step, "epoch_end": state.epoch, **metrics})
         config = self.run.config
-        if state.epoch % config.runtime.checkpoint_every_epochs == 0 or (
-            state.epoch == config.schedule.epochs
-        ):
+        if checkpoint_due(config, state.epoch):
             save_checkpoint(self.checkpoint_root / checkpoint_name(state.epoch), state, config)
             prune_checkpoints(self.checkpoint_root, config.runtime.keep_checkpoints)
 
