@@ -119,6 +119,11 @@ def evaluate_checkpoint(
         typer.echo(f"{name}: {value:.2f}%")
 
 
+from service.cli import register  # noqa: E402  (the service commands: submit, status, ...)
+
+register(app)
+
+
 def main() -> None:
     """Entry point of the console script."""
     app()

@@ -217,6 +217,16 @@ def collapse_diagnostics(
     }
 
 
+DIAGNOSTICS = (
+    "loss",
+    "kl",
+    "teacher_entropy",
+    "prior_entropy",
+    "effective_clusters",
+    "mutual_info",
+)
+"""The names `collapse_diagnostics` reports (every one a statistic of the global batch)."""
+
 StepCallback = Callable[[TrainingState, dict[str, float]], None]
 
 

@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 import trainer.launch as launch  # sets RAY_TRAIN_V2_ENABLED before ray.train loads
 from tests import factories
 from trainer.config import TrainConfig, validate_config
-from trainer.engine import TrainingState, build_optimizer, train_step
+from trainer.engine import DIAGNOSTICS, TrainingState, build_optimizer, train_step
 from trainer.evaluation import extract_features, knn_report
 from trainer.launch import (
     InsufficientResourcesError,
@@ -264,10 +264,7 @@ def test_mlflow_search_finds_the_run_with_params_and_metrics(
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params == config.flat()
-    for name in (
-        "loss", "kl", "prior_entropy", "effective_clusters", "teacher_entropy",
-        "mutual_info", "lr", "images_per_s", "epoch_loss", "knn_top1",
-    ):  # fmt: skip
+    for name in (*DIAGNOSTICS, "lr", "images_per_s", "epoch_loss", "knn_top1"):
         assert name in run.data.metrics, name
     client = MlflowClient(two_node_run["tracking_uri"])
     loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
@@ -427,14 +424,7 @@ def test_two_workers_of_batch_b_equal_one_worker_of_batch_2b(cluster: Any, tmp_p
                     msg=f"{mode}: {network}.{key}",
                 )
         # Every diagnostic, the loss included, is a statistic of the global batch.
-        for key in (
-            "loss",
-            "kl",
-            "teacher_entropy",
-            "prior_entropy",
-            "effective_clusters",
-            "mutual_info",
-        ):
+        for key in DIAGNOSTICS:
             got, want = distributed["diagnostics"][key], single["diagnostics"][key]
             assert got == pytest.approx(want, rel=1e-4, abs=1e-5), f"{mode}: {key}"
 
