@@ -1,0 +1,123 @@
+"""The app factory: `create_app(settings)` wires the store, Ray, MLflow and the routes.
+
+``uvicorn --factory service.app:app_from_env`` serves an app configured from the
+``KLSSL_*`` environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service.api import health, router
+from service.deps import Services
+from service.dispatcher import Dispatcher
+from service.ray_jobs import RayJobs, RayJobsClient
+from service.settings import Settings
+from service.store import JobStore
+from service.tracking import Tracking
+
+log = logging.getLogger(__name__)
+
+
+class JobsByState(Collector):
+    """``klssl_jobs{state}``: read from the store at every scrape."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("klssl_jobs", "Jobs by state.", labels=["state"])
+        for state, count in self.store.count_by_state().items():
+            family.add_metric([state.value], count)
+        yield family
+
+
+def create_app(
+    settings: Settings,
+    *,
+    ray_client: RayJobsClient | None = None,
+    tracking: Tracking | None = None,
+    run_dispatcher: bool = True,
+) -> FastAPI:
+    """The control-plane app for ``settings``.
+
+    Args:
+        settings: the service settings.
+        ray_client: the Ray Jobs client (default: `RayJobs` on ``settings.ray_address``).
+        tracking: the MLflow side (default: on ``settings.mlflow_tracking_uri``).
+        run_dispatcher: run the dispatcher loop in the background (tests drive it by hand).
+    """
+    store = JobStore.from_url(settings.database_url)
+    ray = ray_client if ray_client is not None else RayJobs(settings)
+    tracking = tracking or Tracking(
+        settings.mlflow_tracking_uri, timeout_s=settings.request_timeout_s
+    )
+    dispatcher = Dispatcher(store, ray, tracking, settings)
+    services = Services(settings, store, ray, tracking, dispatcher)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(dispatcher.run()) if run_dispatcher else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            store.engine.dispose()
+
+    app = FastAPI(
+        title="klssl",
+        summary="Training service for self-supervised learning by clustering.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    store.create_schema()  # Alembic upgrade head, before the first request
+
+    registry = CollectorRegistry()
+    registry.register(JobsByState(store))
+    latency = Histogram(
+        "klssl_request_duration_seconds",
+        "HTTP request latency.",
+        ["method", "route", "status"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    )
+
+    @app.middleware("http")
+    async def observe_latency(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        latency.labels(request.method, path, str(response.status_code)).observe(
+            time.perf_counter() - start
+        )
+        return response
+
+    @app.get("/metrics", tags=["health"], include_in_schema=True)
+    def metrics() -> Response:
+        """Prometheus metrics: jobs by state, request latency."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(health)
+    app.include_router(router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """An app configured from the environment (for ``uvicorn --factory``)."""
+    return create_app(Settings())

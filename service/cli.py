@@ -1,0 +1,213 @@
+"""``klssl submit | status | logs | cancel | list``: the service's REST API from a shell.
+
+The service URL and token come from ``--url`` / ``--token`` or ``KLSSL_API_URL`` /
+``KLSSL_API_TOKEN``. `register` adds these commands to the ``klssl`` Typer app.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trainer.config import ConfigError, apply_overrides, read_config_file
+
+console = Console(stderr=True)
+FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+Url = Annotated[
+    str, typer.Option("--url", envvar="KLSSL_API_URL", help="Base URL of the klssl service.")
+]
+Token = Annotated[
+    str | None,
+    typer.Option("--token", envvar="KLSSL_API_TOKEN", help="API bearer token.", show_default=False),
+]
+JobId = Annotated[str, typer.Argument(help="Job id.")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def client(url: str, token: str | None) -> httpx.Client:
+    """An HTTP client for the service."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=30.0)
+
+
+def check(response: httpx.Response) -> Any:
+    """The JSON body of a successful response; otherwise print the error and exit."""
+    if response.is_success:
+        return response.json()
+    try:
+        detail = response.json()["detail"]
+    except (ValueError, KeyError, TypeError):
+        detail = response.text
+    if isinstance(detail, list):
+        for item in detail:
+            location = ".".join(str(part) for part in item["loc"] if part != "body")
+            console.print(f"[red]{location}: {item['msg']}[/]")
+    else:
+        console.print(f"[red]{response.status_code}: {detail}[/]")
+    raise typer.Exit(2 if response.status_code == 422 else 1)
+
+
+def describe(job: dict[str, Any]) -> str:
+    """One line about a job."""
+    progress = job["progress"]
+    metrics = progress["metrics"]
+    parts = [f"{job['id']}  {job['state']:<9}  {job['name']}"]
+    if progress["epoch"] is not None:
+        parts.append(f"epoch {progress['epoch']}")
+    for key in ("loss", "effective_clusters", "knn_top1"):
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.4g}")
+    return "  ".join(parts)
+
+
+def follow_job(http: httpx.Client, job_id: str, poll_s: float = 2.0) -> dict[str, Any]:
+    """Show a live progress bar (epoch, loss, effective clusters) until the job ends."""
+    job: dict[str, Any] = check(http.get(f"/v1/jobs/{job_id}"))
+    epochs = int(job["config"]["schedule"]["epochs"])
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.completed:.0f}/{task.total:.0f}  {task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(job["state"], total=epochs, info="")
+        while True:
+            metrics = job["progress"]["metrics"]
+            shown = [key for key in ("loss", "effective_clusters") if key in metrics]
+            info = "  ".join(f"{key} {metrics[key]:.4g}" for key in shown)
+            bar.update(
+                task,
+                completed=min(job["progress"]["epoch"] or 0, epochs),
+                description=job["state"],
+                info=info,
+            )
+            if job["state"] in FINAL:
+                return job
+            time.sleep(poll_s)
+            job = check(http.get(f"/v1/jobs/{job_id}"))
+
+
+def submit(
+    config_path: Annotated[Path, typer.Argument(help="Training config, YAML or JSON.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a field: --set schedule.epochs=2 (repeatable)."),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Display name of the job.")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Retry-safe key: the same key returns the same job.")
+    ] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow until it ends.")] = False,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Submit CONFIG as a job to the service (it is validated there)."""
+    try:
+        raw = apply_overrides(read_config_file(config_path), overrides or [])
+    except ConfigError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(2) from None
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    body: dict[str, Any] = {"config": raw}
+    if name:
+        body["name"] = name
+    with client(url, token) as http:
+        job = check(http.post("/v1/jobs", json=body, headers=headers))
+        typer.echo(job["id"])
+        if follow:
+            job = follow_job(http, job["id"])
+            typer.echo(describe(job))
+            if job["state"] != "SUCCEEDED":
+                console.print(f"[red]{job['state']}: {job['error']}[/]")
+                raise typer.Exit(1)
+
+
+def status(job_id: JobId, url: Url = DEFAULT_URL, token: Token = None) -> None:
+    """Print a job's record as JSON."""
+    with client(url, token) as http:
+        typer.echo(json.dumps(check(http.get(f"/v1/jobs/{job_id}")), indent=2))
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs of a server-sent-event stream."""
+    event, data = "message", list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line.removeprefix("event:").strip()
+        elif line.startswith("data:"):
+            data.append(line.removeprefix("data:").removeprefix(" "))
+
+
+def logs(
+    job_id: JobId,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until it ends.")] = False,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Print a job's log (with -f, keep streaming until the job ends)."""
+    with client(url, token) as http:
+        if not follow:
+            response = http.get(f"/v1/jobs/{job_id}/logs")
+            if not response.is_success:
+                check(response)
+            typer.echo(response.text, nl=False)
+            return
+        with http.stream(
+            "GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, timeout=None
+        ) as response:
+            if not response.is_success:
+                response.read()
+                check(response)
+            for event, data in sse_events(response.iter_lines()):
+                if event == "log":
+                    typer.echo(data)
+                elif event == "end":
+                    console.print(f"job ended: {data}")
+
+
+def cancel(job_id: JobId, url: Url = DEFAULT_URL, token: Token = None) -> None:
+    """Cancel a job."""
+    with client(url, token) as http:
+        typer.echo(describe(check(http.post(f"/v1/jobs/{job_id}/cancel"))))
+
+
+def list_jobs(
+    state: Annotated[
+        list[str] | None, typer.Option("--state", help="Only jobs in this state (repeatable).")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """List jobs, newest first."""
+    params: dict[str, Any] = {"limit": limit}
+    if state:
+        params["state"] = [value.upper() for value in state]
+    with client(url, token) as http:
+        page = check(http.get("/v1/jobs", params=params))
+    for job in page["items"]:
+        typer.echo(describe(job))
+    console.print(f"{len(page['items'])} of {page['total']} job(s)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the service commands to the ``klssl`` app."""
+    app.command()(submit)
+    app.command()(status)
+    app.command()(logs)
+    app.command()(cancel)
+    app.command("list")(list_jobs)

@@ -1,0 +1,169 @@
+"""Dispatcher and reconciler: the loop that moves records along with Ray.
+
+Ray's Jobs API has no queue, so jobs wait QUEUED in the store until fewer than
+``max_concurrent_jobs`` are PENDING or RUNNING and Ray answers; then they are submitted
+under a submission id derived from the job id (a retry never makes a second Ray job).
+Every round also asks Ray for the state of each active job, copies it into the record,
+and reads progress from MLflow. A job Ray no longer knows (the head node restarted)
+becomes FAILED with that reason instead of staying RUNNING forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from service.ray_jobs import (
+    RayJobNotFoundError,
+    RayJobsClient,
+    RayUnavailableError,
+    dump_config,
+    entrypoint_args,
+    job_environment,
+)
+from service.settings import Settings
+from service.store import ACTIVE_STATES, Job, JobState, JobStore
+from service.tracking import Tracking, TrackingUnavailableError
+
+log = logging.getLogger(__name__)
+
+LOST_BY_RAY = "Ray no longer knows this job (the cluster was restarted or the job was removed)"
+MLFLOW_FINAL = {
+    JobState.SUCCEEDED: "FINISHED",
+    JobState.FAILED: "FAILED",
+    JobState.CANCELLED: "KILLED",
+}
+
+
+def submission_id(job_id: str) -> str:
+    """The Ray submission id of a job (deterministic: resubmitting is idempotent)."""
+    return f"klssl-{job_id}"
+
+
+@dataclass
+class Dispatcher:
+    """One round at a time (`run_once`), or forever in the background (`run`)."""
+
+    store: JobStore
+    ray: RayJobsClient
+    tracking: Tracking
+    settings: Settings
+
+    def __post_init__(self) -> None:
+        self.wakeup = asyncio.Event()
+        self.ray_reachable: bool | None = None
+        self.mlflow_reachable = True
+
+    def run_once(self) -> None:
+        """Reconcile the active jobs, then dispatch queued ones into the free slots."""
+        self.reconcile()
+        self.dispatch()
+
+    def dispatch(self) -> int:
+        """Submit queued jobs while there is capacity; returns how many were submitted."""
+        queued = self.store.in_states([JobState.QUEUED])
+        if not queued:
+            return 0
+        active = len(self.store.in_states(list(ACTIVE_STATES)))
+        submitted = 0
+        for job in queued[: max(0, self.settings.max_concurrent_jobs - active)]:
+            try:
+                self._submit(job)
+            except RayUnavailableError as error:
+                self._ray_down(f"{len(queued)} job(s) stay queued: {error}")
+                break
+            except Exception as error:  # the job cannot run at all: say why
+                log.exception("submitting job %s failed", job.id)
+                self._finish(job, JobState.FAILED, f"submission to Ray failed: {error}")
+                continue
+            self.ray_reachable = True
+            submitted += 1
+        return submitted
+
+    def _ray_down(self, message: str) -> None:
+        """Remember that Ray is down; warn once per outage, not every round."""
+        if self.ray_reachable is not False:
+            log.warning("Ray unavailable, %s", message)
+        self.ray_reachable = False
+
+    def _submit(self, job: Job) -> None:
+        sid = submission_id(job.id)
+        assert job.mlflow_run_id is not None
+        self.ray.submit(
+            sid,
+            config_json=dump_config(job.config),
+            args=entrypoint_args(job.id, job.mlflow_run_id),
+            env=job_environment(self.settings),
+        )
+        self.store.transition(job.id, JobState.PENDING, ray_submission_id=sid)
+
+    def reconcile(self) -> None:
+        """Copy Ray's state and MLflow's progress into every active record."""
+        active = self.store.in_states(list(ACTIVE_STATES))
+        if not active:
+            return
+        try:
+            self.tracking.ping()
+            self.mlflow_reachable = True
+        except TrackingUnavailableError as error:
+            self.mlflow_reachable = False  # states still follow Ray; progress waits
+            log.warning("%s", error)
+        for job in active:
+            assert job.ray_submission_id is not None
+            try:
+                status = self.ray.status(job.ray_submission_id)
+            except RayUnavailableError as error:
+                self._ray_down(f"cannot reconcile: {error}")
+                return
+            except RayJobNotFoundError:
+                self._finish(job, JobState.FAILED, LOST_BY_RAY)
+                continue
+            self.ray_reachable = True
+            self._record_progress(job)
+            if status.state.final:
+                message = status.message if status.state is JobState.FAILED else None
+                self._finish(job, status.state, message)
+            elif status.state is not job.job_state:
+                self.store.transition(job.id, status.state)
+
+    def _record_progress(self, job: Job) -> None:
+        if job.mlflow_run_id is None or not self.mlflow_reachable:
+            return
+        try:
+            progress = self.tracking.progress(job.mlflow_run_id)
+        except Exception as error:  # MLflow down: progress waits, states do not
+            log.warning("no progress for %s from MLflow: %s", job.id, error)
+            return
+        fields: dict[str, object] = {
+            "progress_epoch": progress.epoch,
+            "progress_step": progress.step,
+            "progress_metrics": progress.metrics,
+        }
+        if progress.latest_checkpoint and progress.latest_checkpoint not in job.checkpoint_uris:
+            fields["checkpoint_uris"] = [*job.checkpoint_uris, progress.latest_checkpoint]
+        self.store.update(job.id, **fields)
+
+    def _finish(self, job: Job, state: JobState, error: str | None) -> None:
+        fields: dict[str, object] = {"error": error}
+        if job.mlflow_run_id is not None and self.mlflow_reachable:
+            try:
+                uris = self.tracking.checkpoint_uris(job.mlflow_run_id)
+                if uris:
+                    fields["checkpoint_uris"] = uris
+                self.tracking.terminate(job.mlflow_run_id, MLFLOW_FINAL[state])
+            except Exception as err:
+                log.warning("could not finish MLflow run of %s: %s", job.id, err)
+        self.store.transition(job.id, state, **fields)
+
+    async def run(self) -> None:
+        """Rounds every ``dispatch_interval_s`` (sooner when `wakeup` is set), forever."""
+        while True:
+            try:
+                await asyncio.to_thread(self.run_once)
+            except Exception:
+                log.exception("dispatcher round failed")
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), self.settings.dispatch_interval_s)

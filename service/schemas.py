@@ -1,0 +1,138 @@
+"""Request and response bodies of the REST API (they are the OpenAPI documentation)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.settings import Settings
+from service.store import Job, JobState
+from trainer.config import TrainConfig
+
+
+class JobCreate(BaseModel):
+    """A training job to run: a TrainConfig plus an optional display name and tags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(
+        None, min_length=1, max_length=256, description="Display name (default: config.name)."
+    )
+    config: TrainConfig = Field(description="The training config (the TrainConfig schema).")
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="Free-form tags, also set on the MLflow run."
+    )
+
+
+class JobProgress(BaseModel):
+    """How far the job got, as last read from MLflow."""
+
+    epoch: int | None = Field(None, description="Last completed (or current) epoch.")
+    step: int | None = Field(None, description="Last logged global step.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Latest value of every metric."
+    )
+
+
+def utc(moment: datetime) -> datetime:
+    """A stored timestamp as UTC (SQLite returns them without a zone)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+class JobOut(BaseModel):
+    """A job record."""
+
+    id: str = Field(description="Job id.")
+    name: str
+    owner: str = Field(description="Identity of the token that submitted it.")
+    state: JobState
+    config: dict[str, Any] = Field(description="The validated TrainConfig, as JSON.")
+    tags: dict[str, str]
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = Field(None, description="When Ray reported it RUNNING.")
+    finished_at: datetime | None = Field(None, description="When it reached a final state.")
+    ray_submission_id: str | None = Field(None, description="Ray job submission id.")
+    ray_dashboard_url: str | None = Field(None, description="The job in the Ray dashboard.")
+    mlflow_run_id: str | None = Field(None, description="Its MLflow run.")
+    mlflow_run_url: str | None = Field(None, description="The run in the MLflow UI.")
+    progress: JobProgress
+    error: str | None = Field(None, description="Why it failed or was cancelled.")
+    checkpoint_uris: list[str] = Field(description="Checkpoints kept, oldest first.")
+
+    @classmethod
+    def of(cls, job: Job, settings: Settings) -> JobOut:
+        """The response body of a record."""
+        mlflow_base = settings.mlflow_base_url()
+        run_url = None
+        if mlflow_base and job.mlflow_run_id and job.mlflow_experiment_id:
+            run_url = (
+                f"{mlflow_base}/#/experiments/{job.mlflow_experiment_id}/runs/{job.mlflow_run_id}"
+            )
+        ray_url = None
+        if job.ray_submission_id:
+            ray_url = f"{settings.ray_address.rstrip('/')}/#/jobs/{job.ray_submission_id}"
+        return cls(
+            id=job.id,
+            name=job.name,
+            owner=job.owner,
+            state=job.job_state,
+            config=job.config,
+            tags=dict(job.tags or {}),
+            created_at=utc(job.created_at),
+            updated_at=utc(job.updated_at),
+            started_at=utc(job.started_at) if job.started_at else None,
+            finished_at=utc(job.finished_at) if job.finished_at else None,
+            ray_submission_id=job.ray_submission_id,
+            ray_dashboard_url=ray_url,
+            mlflow_run_id=job.mlflow_run_id,
+            mlflow_run_url=run_url,
+            progress=JobProgress(
+                epoch=job.progress_epoch,
+                step=job.progress_step,
+                metrics=dict(job.progress_metrics or {}),
+            ),
+            error=job.error,
+            checkpoint_uris=list(job.checkpoint_uris or []),
+        )
+
+
+class JobList(BaseModel):
+    """One page of jobs, newest first."""
+
+    items: list[JobOut]
+    total: int = Field(description="Jobs matching the filter, over all pages.")
+    offset: int
+    limit: int
+
+
+class MetricPointOut(BaseModel):
+    """One logged value."""
+
+    step: int
+    value: float
+    timestamp: int = Field(description="Milliseconds since the epoch.")
+
+
+class JobMetrics(BaseModel):
+    """Every metric's history from the job's MLflow run."""
+
+    job_id: str
+    mlflow_run_id: str | None
+    metrics: dict[str, list[MetricPointOut]]
+
+
+class Check(BaseModel):
+    """One dependency's readiness."""
+
+    ok: bool
+    error: str | None = None
+
+
+class Readiness(BaseModel):
+    """Readiness of the service and each dependency."""
+
+    ready: bool
+    checks: dict[str, Check]

@@ -1,0 +1,89 @@
+"""Settings of the control plane, read from ``KLSSL_*`` environment variables.
+
+Nothing here is created at import time: `create_app` receives a `Settings` (or builds
+one from the environment), and routes reach it through the `get_settings` dependency.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the service needs to know about its environment.
+
+    Lists and mappings are given as JSON, e.g.
+    ``KLSSL_API_TOKENS='{"s3cret-token": "alice"}'`` and
+    ``KLSSL_ALLOWED_DATA_ROOTS='["/data", "/work/shared/data"]'``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="KLSSL_", extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///runs/klssl-service.db",
+        description="SQLAlchemy URL of the job store: SQLite (default) or PostgreSQL.",
+    )
+    ray_address: str = Field(
+        "http://127.0.0.1:8265",
+        description="HTTP address of the Ray dashboard (Jobs API) of the cluster. Note: "
+        "Ray's client prefers RAY_API_SERVER_ADDRESS / RAY_ADDRESS when they are set in the "
+        "service's environment.",
+    )
+    ray_auth_token: SecretStr | None = Field(
+        None, description="The cluster's token when Ray runs with RAY_AUTH_MODE=token."
+    )
+    pass_ray_token_to_jobs: bool = Field(
+        True,
+        description="Give jobs RAY_AUTH_TOKEN so their driver can join the cluster (it is "
+        "then visible in the job's runtime_env on the Ray dashboard).",
+    )
+    mlflow_tracking_uri: str = Field(
+        "http://127.0.0.1:5000", description="MLflow tracking server the jobs log into."
+    )
+    mlflow_ui_url: str | None = Field(
+        None, description="Public MLflow UI base URL for links (default: the tracking URI)."
+    )
+    storage_path: str = Field(
+        "runs/ray", description="Checkpoint storage of the jobs: a shared directory or s3://."
+    )
+    api_tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description="Bearer token -> owner. Empty: authentication is off (local use only).",
+    )
+    auth_reads: bool = Field(True, description="Read endpoints also need a valid token.")
+    allowed_data_roots: list[Path] = Field(
+        default_factory=list,
+        description="Dataset paths must resolve inside one of these (empty: no paths).",
+    )
+    max_concurrent_jobs: int = Field(2, ge=1, description="Jobs submitted to Ray at once.")
+    dispatch_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between dispatcher/reconciler rounds."
+    )
+    python_executable: str = Field(
+        default_factory=lambda: sys.executable,
+        description="Python that runs `-m trainer.run` on the cluster.",
+    )
+    job_env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables for every job."
+    )
+    request_timeout_s: float = Field(
+        5.0, gt=0, description="Timeout of readiness probes to Ray and MLflow."
+    )
+
+    def resolved_storage_path(self) -> str:
+        """``storage_path`` as an absolute path (jobs run in other directories) or URI."""
+        if "://" in self.storage_path:
+            return self.storage_path
+        return str(Path(self.storage_path).expanduser().resolve())
+
+    def mlflow_base_url(self) -> str | None:
+        """Base URL for links to MLflow runs, when the tracking URI is a server."""
+        if self.mlflow_ui_url:
+            return self.mlflow_ui_url.rstrip("/")
+        if self.mlflow_tracking_uri.startswith(("http://", "https://")):
+            return self.mlflow_tracking_uri.rstrip("/")
+        return None

@@ -1,0 +1,272 @@
+"""The job store: one table of job records, SQLite by default, PostgreSQL by URL.
+
+The schema is kept by Alembic migrations (``service/migrations``), applied at startup by
+`JobStore.create_schema` (``alembic upgrade head`` on the store's engine). Every method
+opens its own short session, so the store can be shared by request handlers (worker
+threads) and the dispatcher.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Engine,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+class JobState(enum.StrEnum):
+    """Lifecycle of a job; the last three are final."""
+
+    QUEUED = "QUEUED"  # recorded, waiting for cluster capacity (not yet in Ray)
+    PENDING = "PENDING"  # submitted, Ray has not started the driver yet
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def final(self) -> bool:
+        """Whether the job can change state no more."""
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+ACTIVE_STATES = frozenset({JobState.PENDING, JobState.RUNNING})
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now (stored as UTC)."""
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    """A short, URL-safe, unique job id."""
+    return f"job-{uuid.uuid4().hex[:16]}"
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the service tables."""
+
+
+class Job(Base):
+    """One training job: what was asked, where it runs, how far it got."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("owner", "idempotency_key", name="uq_owner_idempotency"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    tags: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    ray_submission_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    progress_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_metrics: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    checkpoint_uris: Mapped[list[str]] = mapped_column(JSON, default=list)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    @property
+    def job_state(self) -> JobState:
+        """The state as the enum."""
+        return JobState(self.state)
+
+
+class IdempotencyConflictError(Exception):
+    """Another request with the same owner and Idempotency-Key won the race."""
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a job listing."""
+
+    items: list[Job]
+    total: int
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the dispatcher
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; a SQLite file's directory is created when missing."""
+    if url.startswith("sqlite"):
+        database = url.split(":///", 1)[1] if ":///" in url else ""
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Run the Alembic migrations on ``engine`` up to ``revision``."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+class JobStore:
+    """Create, read and update job records."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def from_url(cls, url: str) -> JobStore:
+        """A store on a new engine for ``url``."""
+        return cls(make_engine(url))
+
+    def create_schema(self) -> None:
+        """Bring the schema up to date (Alembic ``upgrade head``; a no-op when current)."""
+        migrate(self.engine)
+
+    def ping(self) -> None:
+        """Raise when the database cannot answer a trivial query."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    def add(self, job: Job) -> Job:
+        """Insert a new record.
+
+        Raises:
+            IdempotencyConflictError: the owner already has a job with this key.
+        """
+        with self._sessions() as session:
+            session.add(job)
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                raise IdempotencyConflictError(job.idempotency_key) from None
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        """The record of ``job_id``, if any."""
+        with self._sessions() as session:
+            return session.get(Job, job_id)
+
+    def by_idempotency_key(self, owner: str, key: str) -> Job | None:
+        """The owner's job created with Idempotency-Key ``key``, if any."""
+        with self._sessions() as session:
+            query = select(Job).where(Job.owner == owner, Job.idempotency_key == key)
+            return session.scalars(query).first()
+
+    def page(
+        self, *, states: Sequence[JobState] = (), owner: str | None = None,
+        offset: int = 0, limit: int = 50,
+    ) -> Page:  # fmt: skip
+        """Jobs newest first, optionally only in ``states`` / of ``owner``."""
+        query = select(Job)
+        if states:
+            query = query.where(Job.state.in_([state.value for state in states]))
+        if owner is not None:
+            query = query.where(Job.owner == owner)
+        with self._sessions() as session:
+            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+            items = session.scalars(
+                query.order_by(Job.created_at.desc(), Job.id).offset(offset).limit(limit)
+            ).all()
+        return Page(list(items), total)
+
+    def in_states(self, states: Sequence[JobState]) -> list[Job]:
+        """Every job in ``states``, oldest first (dispatch order)."""
+        query = (
+            select(Job)
+            .where(Job.state.in_([state.value for state in states]))
+            .order_by(Job.created_at, Job.id)
+        )
+        with self._sessions() as session:
+            return list(session.scalars(query).all())
+
+    def count_by_state(self) -> dict[JobState, int]:
+        """How many jobs are in each state (every state present, zero included)."""
+        with self._sessions() as session:
+            rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        counts = dict.fromkeys(JobState, 0)
+        for state, count in rows:
+            counts[JobState(state)] = count
+        return counts
+
+    def update(self, job_id: str, **fields: Any) -> Job:
+        """Set ``fields`` on a record (and ``updated_at``); returns the new record."""
+        with self._sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise KeyError(job_id)
+            for key, value in fields.items():
+                setattr(job, key, value)
+            job.updated_at = utcnow()
+            session.commit()
+            return job
+
+    def transition(self, job_id: str, state: JobState, **fields: Any) -> Job:
+        """Move a job to ``state`` with its timestamps (a final state is never left)."""
+        with self._sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise KeyError(job_id)
+            if job.job_state.final:
+                return job
+            now = utcnow()
+            if state is JobState.RUNNING and job.started_at is None:
+                job.started_at = now
+            if state.final:
+                job.finished_at = now
+            job.state = state.value
+            for key, value in fields.items():
+                setattr(job, key, value)
+            job.updated_at = now
+            session.commit()
+            return job
+
+    def delete(self, job_id: str) -> None:
+        """Remove a record (only to undo a half-created job)."""
+        with self._sessions() as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                session.delete(job)
+                session.commit()

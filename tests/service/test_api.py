@@ -1,0 +1,304 @@
+"""Routes of the control plane, with a fake Ray cluster and a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.deps import Services
+from service.ray_jobs import RayUnavailableError
+from service.settings import Settings
+from service.store import JobState
+from tests.service.conftest import ALICE, BOB, FakeRay, job_body
+
+
+def run_count(services: Services, experiment: str) -> int:
+    client = services.tracking.client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return 0
+    return len(client.search_runs([found.experiment_id]))
+
+
+def test_submit_answers_202_with_location_and_a_queued_record(
+    client: TestClient, services: Services
+) -> None:
+    response = client.post("/v1/jobs", json=job_body("svc-submit"), headers=ALICE)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert job["state"] == "QUEUED" and job["owner"] == "alice"
+    assert job["ray_submission_id"] is None
+    run = services.tracking.client().get_run(job["mlflow_run_id"])
+    assert run.data.tags["klssl.job_id"] == job["id"]
+    assert run.data.params["schedule.epochs"] == "2"
+    again = client.get(f"/v1/jobs/{job['id']}", headers=ALICE)
+    assert again.status_code == 200 and again.json()["id"] == job["id"]
+
+
+def test_same_idempotency_key_returns_the_same_job(client: TestClient, services: Services) -> None:
+    headers = {**ALICE, "Idempotency-Key": "retry-1"}
+    first = client.post("/v1/jobs", json=job_body("svc-idem"), headers=headers)
+    second = client.post("/v1/jobs", json=job_body("svc-idem"), headers=headers)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert run_count(services, "svc-idem") == 1
+    # The key is per owner: bob's identical key is another job.
+    other = client.post(
+        "/v1/jobs", json=job_body("svc-idem"), headers={**BOB, "Idempotency-Key": "retry-1"}
+    )
+    assert other.json()["id"] != first.json()["id"]
+
+
+def bad_configs(data_root: Path, tmp_path: Path) -> dict[str, tuple[dict[str, Any], str, str]]:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = data_root / "escape"
+    os.symlink(outside, link)
+    return {
+        "negative temperature": (
+            {"objective": {"teacher_temp": -0.1}},
+            "config.objective.teacher_temp",
+            "greater than 0",
+        ),
+        "momentum 1.5": (
+            {"schedule": {"teacher_momentum": 1.5}},
+            "config.schedule.teacher_momentum",
+            "less than 1",
+        ),
+        "unknown backbone": (
+            {"model": {"backbone": "resnet19"}},
+            "config.model.backbone",
+            "close timm names: resnet",
+        ),
+        "missing dataset path": (
+            {"data": {"kind": "imagefolder", "path": str(data_root / "nope")}},
+            "config.data.path",
+            "does not exist",
+        ),
+        "path outside the roots": (
+            {"data": {"kind": "imagefolder", "path": str(outside)}},
+            "config.data.path",
+            "outside the allowed data roots",
+        ),
+        "dot-dot escape": (
+            {"data": {"kind": "imagefolder", "path": str(data_root / ".." / "outside")}},
+            "config.data.path",
+            "outside the allowed data roots",
+        ),
+        "symlink escape": (
+            {"data": {"kind": "imagefolder", "path": str(link)}},
+            "config.data.path",
+            "outside the allowed data roots",
+        ),
+        "unknown field": ({"schedule": {"epochz": 3}}, "config.schedule.epochz", "not permitted"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "negative temperature",
+        "momentum 1.5",
+        "unknown backbone",
+        "missing dataset path",
+        "path outside the roots",
+        "dot-dot escape",
+        "symlink escape",
+        "unknown field",
+    ],
+)
+def test_invalid_config_is_a_422_with_the_field_and_leaves_nothing(
+    case: str,
+    client: TestClient,
+    services: Services,
+    fake_ray: FakeRay,
+    data_root: Path,
+    tmp_path: Path,
+) -> None:
+    sections, field, reason = bad_configs(data_root, tmp_path)[case]
+    body = job_body("svc-invalid")
+    for section, fields in sections.items():
+        body["config"][section].update(fields)
+    response = client.post("/v1/jobs", json=body, headers=ALICE)
+    assert response.status_code == 422, response.text
+    problems = {
+        ".".join(map(str, item["loc"][1:])): item["msg"] for item in response.json()["detail"]
+    }
+    assert field in problems, problems
+    assert reason in problems[field]
+    assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 0
+    assert run_count(services, "svc-invalid") == 0
+    services.dispatcher.run_once()
+    assert fake_ray.submissions == []
+
+
+def test_a_path_inside_the_roots_is_accepted_resolved(client: TestClient, data_root: Path) -> None:
+    body = job_body("svc-path")
+    body["config"]["data"].update(
+        kind="imagefolder", path=str(data_root / "images" / ".." / "images")
+    )
+    response = client.post("/v1/jobs", json=body, headers=ALICE)
+    assert response.status_code == 202, response.text
+    assert response.json()["config"]["data"]["path"] == str((data_root / "images").resolve())
+
+
+def test_tokens_are_required_and_owners_are_enforced(client: TestClient) -> None:
+    assert client.post("/v1/jobs", json=job_body()).status_code == 401
+    wrong = {"Authorization": "Bearer token-alice-0123456780"}
+    assert client.post("/v1/jobs", json=job_body(), headers=wrong).status_code == 401
+    assert client.get("/v1/jobs").status_code == 401
+    job = client.post("/v1/jobs", json=job_body(), headers=ALICE).json()
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=BOB).status_code == 403
+    assert client.get(f"/v1/jobs/{job['id']}", headers=BOB).status_code == 200
+
+
+def test_unknown_ids_are_404(client: TestClient) -> None:
+    for path in ("", "/logs", "/metrics"):
+        assert client.get(f"/v1/jobs/job-nope{path}", headers=ALICE).status_code == 404
+    assert client.post("/v1/jobs/job-nope/cancel", headers=ALICE).status_code == 404
+
+
+def test_list_filters_by_state_and_paginates(client: TestClient, services: Services) -> None:
+    ids = [client.post("/v1/jobs", json=job_body(), headers=ALICE).json()["id"] for _ in range(3)]
+    services.store.transition(ids[0], JobState.FAILED, error="x")
+    queued = client.get("/v1/jobs", params={"state": "QUEUED"}, headers=ALICE).json()
+    assert queued["total"] == 2 and {job["id"] for job in queued["items"]} == set(ids[1:])
+    page = client.get("/v1/jobs", params={"limit": 2, "offset": 2}, headers=ALICE).json()
+    assert page["total"] == 3 and len(page["items"]) == 1
+    assert client.get("/v1/jobs", params={"state": "BOGUS"}, headers=ALICE).status_code == 422
+
+
+def test_cancel_queued_running_and_finished_jobs(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    queued = client.post("/v1/jobs", json=job_body(), headers=ALICE).json()["id"]
+    cancelled = client.post(f"/v1/jobs/{queued}/cancel", headers=ALICE)
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "CANCELLED"
+    assert client.post(f"/v1/jobs/{queued}/cancel", headers=ALICE).status_code == 409
+    run = services.tracking.client().get_run(cancelled.json()["mlflow_run_id"])
+    assert run.info.status == "KILLED"
+
+    running = client.post("/v1/jobs", json=job_body(), headers=ALICE).json()["id"]
+    services.dispatcher.run_once()
+    sid = services.store.get(running).ray_submission_id  # type: ignore[union-attr]
+    assert sid is not None
+    fake_ray.set(sid, JobState.RUNNING)
+    services.dispatcher.run_once()
+    assert client.post(f"/v1/jobs/{running}/cancel", headers=ALICE).json()["state"] == "CANCELLED"
+    assert fake_ray.stopped == [sid]
+    services.dispatcher.run_once()  # Ray's STOPPED agrees with the record
+    assert services.store.get(running).state == "CANCELLED"  # type: ignore[union-attr]
+    assert queued not in {s["id"] for s in fake_ray.submissions}
+
+
+def test_cancel_needs_ray_for_a_submitted_job(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    job = client.post("/v1/jobs", json=job_body(), headers=ALICE).json()["id"]
+    services.dispatcher.run_once()
+    fake_ray.available = False
+    assert client.post(f"/v1/jobs/{job}/cancel", headers=ALICE).status_code == 503
+    assert services.store.get(job).state == "PENDING"  # type: ignore[union-attr]
+
+
+def test_logs_as_text_and_as_server_sent_events(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    job = client.post("/v1/jobs", json=job_body(), headers=ALICE).json()["id"]
+    assert client.get(f"/v1/jobs/{job}/logs", headers=ALICE).text == ""
+    services.dispatcher.run_once()
+    sid = f"klssl-{job}"
+    fake_ray.log_text[sid] = "epoch 1\nepoch 2\n"
+    assert client.get(f"/v1/jobs/{job}/logs", headers=ALICE).text == "epoch 1\nepoch 2\n"
+    fake_ray.set(sid, JobState.SUCCEEDED)
+    services.dispatcher.run_once()
+    with client.stream("GET", f"/v1/jobs/{job}/logs?follow=true", headers=ALICE) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = response.read().decode()
+    assert "event: log\ndata: epoch 1\ndata: epoch 2\n\n" in body
+    assert 'event: end\ndata: {"state": "SUCCEEDED", "error": null}' in body
+
+
+def test_metrics_history_comes_from_mlflow(client: TestClient, services: Services) -> None:
+    job = client.post("/v1/jobs", json=job_body(), headers=ALICE).json()
+    mlflow = services.tracking.client()
+    for step, loss in enumerate([3.0, 2.5, 2.0]):
+        mlflow.log_metric(job["mlflow_run_id"], "loss", loss, step=step)
+    body = client.get(f"/v1/jobs/{job['id']}/metrics", headers=ALICE).json()
+    assert [(p["step"], p["value"]) for p in body["metrics"]["loss"]] == [
+        (0, 3.0),
+        (1, 2.5),
+        (2, 2.0),
+    ]
+
+
+def test_health_readiness_and_prometheus(client: TestClient, fake_ray: FakeRay) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    fake_ray.available = False
+    down = client.get("/readyz")
+    assert down.status_code == 503
+    checks = down.json()["checks"]
+    assert checks["ray"]["ok"] is False and checks["database"]["ok"] and checks["mlflow"]["ok"]
+    client.post("/v1/jobs", json=job_body(), headers=ALICE)
+    text = client.get("/metrics").text
+    assert 'klssl_jobs{state="QUEUED"} 1.0' in text
+    assert (
+        'klssl_request_duration_seconds_count{method="POST",route="/v1/jobs",status="202"}' in text
+    )
+
+
+def test_openapi_documents_the_config_fields(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert "/v1/jobs/{job_id}/cancel" in schema["paths"]
+    objective = schema["components"]["schemas"]["ObjectiveConfig"]["properties"]
+    assert "description" in objective["prior_momentum"]
+
+
+def test_mlflow_down_is_a_503_and_records_nothing(settings: Settings, fake_ray: FakeRay) -> None:
+    down = settings.model_copy(update={"mlflow_tracking_uri": "http://127.0.0.1:1"})
+    app = create_app(down, ray_client=fake_ray, run_dispatcher=False)
+    with TestClient(app) as client:
+        response = client.post("/v1/jobs", json=job_body(), headers=ALICE)
+        assert response.status_code == 503 and "MLflow" in response.json()["detail"]
+        assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 0
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["mlflow"]["ok"] is False
+
+
+def test_following_logs_survives_a_lost_log_source(
+    client: TestClient, services: Services, fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("service.api.LOG_POLL_S", 0.01)
+    job = client.post("/v1/jobs", json=job_body(), headers=ALICE).json()["id"]
+    services.dispatcher.run_once()
+    sid = f"klssl-{job}"
+    fake_ray.log_text[sid] = "line 1\n"
+    real_logs = fake_ray.logs
+    calls = 0
+
+    def flaky_logs(submission_id: str) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the Ray log source drops once, mid-stream
+            raise RayUnavailableError("connection reset")
+        if calls == 3:
+            fake_ray.log_text[sid] += "line 2\npartial"
+            fake_ray.set(sid, JobState.SUCCEEDED)
+            services.dispatcher.run_once()
+        return real_logs(submission_id)
+
+    monkeypatch.setattr(fake_ray, "logs", flaky_logs)
+    with client.stream("GET", f"/v1/jobs/{job}/logs?follow=true", headers=ALICE) as response:
+        body = response.read().decode()
+    assert body.count("data: line 1") == 1 and body.count("data: line 2") == 1
+    assert "data: partial" in body and ": log source unavailable, retrying" in body
+    assert body.rstrip().endswith('"error": null}')

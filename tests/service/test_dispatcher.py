@@ -1,0 +1,135 @@
+"""The dispatcher / reconciler against a fake Ray cluster (our own logic only)."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi.testclient import TestClient
+
+from service.deps import Services
+from service.dispatcher import LOST_BY_RAY, submission_id
+from service.store import JobState
+from tests.service.conftest import ALICE, FakeRay, job_body
+
+
+def submit(client: TestClient, count: int) -> list[str]:
+    return [
+        client.post("/v1/jobs", json=job_body("svc-dispatch"), headers=ALICE).json()["id"]
+        for _ in range(count)
+    ]
+
+
+def states(services: Services, ids: list[str]) -> list[str]:
+    return [services.store.get(job_id).state for job_id in ids]  # type: ignore[union-attr]
+
+
+def test_jobs_wait_queued_for_capacity_then_follow_ray(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    ids = submit(client, 3)  # max_concurrent_jobs = 2
+    services.dispatcher.run_once()
+    assert states(services, ids) == ["PENDING", "PENDING", "QUEUED"]
+    first = submission_id(ids[0])
+    fake_ray.set(first, JobState.RUNNING)
+    services.dispatcher.run_once()
+    job = services.store.get(ids[0])
+    assert job is not None and job.state == "RUNNING" and job.started_at is not None
+    fake_ray.set(first, JobState.SUCCEEDED)
+    services.dispatcher.run_once()  # reconcile frees the slot, dispatch fills it
+    assert states(services, ids) == ["SUCCEEDED", "PENDING", "PENDING"]
+    run = services.tracking.client().get_run(job.mlflow_run_id)  # type: ignore[arg-type]
+    assert run.info.status == "FINISHED"
+
+
+def test_the_submission_carries_config_run_and_environment(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    (job_id,) = submit(client, 1)
+    services.dispatcher.run_once()
+    (submitted,) = fake_ray.submissions
+    job = services.store.get(job_id)
+    assert job is not None
+    assert submitted["id"] == f"klssl-{job_id}" == job.ray_submission_id
+    assert json.loads(submitted["config_json"]) == job.config
+    args = submitted["args"]
+    assert args[args.index("--run-name") + 1] == job_id
+    assert args[args.index("--mlflow-run-id") + 1] == job.mlflow_run_id
+    assert f"klssl.job_id={job_id}" in args
+    assert submitted["env"]["KLSSL_MLFLOW_TRACKING_URI"] == services.settings.mlflow_tracking_uri
+    assert submitted["env"]["KLSSL_STORAGE_PATH"].startswith("/")
+
+
+def test_ray_down_keeps_jobs_queued_until_it_returns(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    fake_ray.available = False
+    ids = submit(client, 1)
+    services.dispatcher.run_once()
+    assert states(services, ids) == ["QUEUED"]
+    assert services.dispatcher.ray_reachable is False
+    fake_ray.available = True
+    services.dispatcher.run_once()
+    assert states(services, ids) == ["PENDING"]
+
+
+def test_a_job_ray_forgot_becomes_failed_with_the_reason(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    ids = submit(client, 1)
+    services.dispatcher.run_once()
+    fake_ray.set(submission_id(ids[0]), JobState.RUNNING)
+    services.dispatcher.run_once()
+    fake_ray.jobs.clear()  # the head node restarted
+    services.dispatcher.run_once()
+    job = services.store.get(ids[0])
+    assert job is not None and job.state == "FAILED" and job.error == LOST_BY_RAY
+    run = services.tracking.client().get_run(job.mlflow_run_id)  # type: ignore[arg-type]
+    assert run.info.status == "FAILED"
+
+
+def test_a_failed_ray_job_keeps_rays_message(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    ids = submit(client, 1)
+    services.dispatcher.run_once()
+    fake_ray.set(submission_id(ids[0]), JobState.FAILED, "exit code 3: cluster too small")
+    services.dispatcher.run_once()
+    job = services.store.get(ids[0])
+    assert job is not None and job.state == "FAILED"
+    assert job.error == "exit code 3: cluster too small"
+
+
+def test_progress_and_checkpoints_are_read_from_mlflow(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    ids = submit(client, 1)
+    services.dispatcher.run_once()
+    job = services.store.get(ids[0])
+    assert job is not None and job.mlflow_run_id is not None
+    mlflow = services.tracking.client()
+    mlflow.log_metric(job.mlflow_run_id, "loss", 2.0, step=7)
+    mlflow.log_metric(job.mlflow_run_id, "effective_clusters", 12.5, step=7)
+    mlflow.log_metric(job.mlflow_run_id, "epoch", 1.0, step=7)
+    mlflow.set_tag(job.mlflow_run_id, "klssl.latest_checkpoint", "file:///ckpt/epoch_0001")
+    fake_ray.set(submission_id(ids[0]), JobState.RUNNING)
+    services.dispatcher.run_once()
+    body = client.get(f"/v1/jobs/{ids[0]}", headers=ALICE).json()
+    assert body["state"] == "RUNNING"
+    assert body["progress"] == {
+        "epoch": 1,
+        "step": 7,
+        "metrics": {"loss": 2.0, "effective_clusters": 12.5, "epoch": 1.0},
+    }
+    assert body["checkpoint_uris"] == ["file:///ckpt/epoch_0001"]
+
+
+def test_a_resubmission_after_a_crash_makes_no_second_ray_job(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    ids = submit(client, 1)
+    services.dispatcher.run_once()
+    # The service died after Ray accepted the job but before the record said so.
+    services.store.update(ids[0], state=JobState.QUEUED.value, ray_submission_id=None)
+    services.dispatcher.run_once()
+    assert len(fake_ray.submissions) == 1
+    assert states(services, ids) == ["PENDING"]
