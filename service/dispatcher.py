@@ -97,7 +97,12 @@ class Dispatcher:
             args=entrypoint_args(job.id, job.mlflow_run_id),
             env=job_environment(self.settings),
         )
-        self.store.transition(job.id, JobState.PENDING, ray_submission_id=sid)
+        recorded = self.store.transition(job.id, JobState.PENDING, ray_submission_id=sid)
+        if recorded.job_state.final:
+            # Cancelled between our read of the queue and the submission: the record
+            # stays final, so the Ray job must not outlive it (it would be an orphan).
+            log.info("job %s was cancelled while being submitted; stopping %s", job.id, sid)
+            self.ray.stop(sid)
 
     def reconcile(self) -> None:
         """Copy Ray's state and MLflow's progress into every active record."""

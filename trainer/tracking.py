@@ -102,8 +102,19 @@ def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         return str(experiment.experiment_id)
+    from mlflow.exceptions import MlflowException
+
     location = default_artifact_location(tracking_uri, name)
-    return str(client.create_experiment(name, artifact_location=location))
+    try:
+        return str(client.create_experiment(name, artifact_location=location))
+    except MlflowException as error:
+        # Two runs of a new experiment created at once: the other request won the race.
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        existing = client.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        return str(existing.experiment_id)
 
 
 def create_run(

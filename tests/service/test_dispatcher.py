@@ -59,6 +59,23 @@ def test_the_submission_carries_config_run_and_environment(
     assert submitted["env"]["KLSSL_STORAGE_PATH"].startswith("/")
 
 
+def test_a_job_cancelled_during_its_submission_leaves_no_ray_job(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    (job_id,) = submit(client, 1)
+    real_submit = fake_ray.submit
+
+    def submit_while_user_cancels(*args: object, **kwargs: object) -> None:
+        real_submit(*args, **kwargs)  # type: ignore[arg-type]
+        assert client.post(f"/v1/jobs/{job_id}/cancel", headers=ALICE).status_code == 200
+
+    fake_ray.submit = submit_while_user_cancels  # type: ignore[method-assign]
+    services.dispatcher.run_once()
+    assert states(services, [job_id]) == ["CANCELLED"]
+    assert fake_ray.stopped == [submission_id(job_id)]
+    assert fake_ray.jobs[submission_id(job_id)].state == JobState.CANCELLED
+
+
 def test_ray_down_keeps_jobs_queued_until_it_returns(
     client: TestClient, services: Services, fake_ray: FakeRay
 ) -> None:
