@@ -39,26 +39,24 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.processes import HOST, clean_env, free_port, stop_tree, wait_for
 from trainer.config import apply_overrides, read_config_file, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
-HOST = "127.0.0.1"
 FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 ACTIVE = {"PENDING", "RUNNING"}
 RAY_NOT_FINAL = {"PENDING", "RUNNING"}
@@ -80,64 +78,6 @@ OVERRIDES = [
 
 
 # --- the stack --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(what: str, probe: Callable[[], bool], timeout: float, every: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if probe():
-                return
-        time.sleep(every)
-    raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc), including ones in other sessions."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def stop_tree(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM a process started in its own group, then SIGKILL what is left of its tree."""
-    if process.poll() is not None:
-        return
-    tree = descendants(process.pid)  # before they are orphaned
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=10)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without RAY_/MLFLOW_/KLSSL_ variables, plus ``extra``."""
-    prefixes = ("RAY_", "MLFLOW_", "KLSSL_")
-    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)} | extra
 
 
 class Stack:

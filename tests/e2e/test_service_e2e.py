@@ -8,16 +8,12 @@ by its pid (or its own process group), never by name.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 from mlflow.tracking import MlflowClient
+
+from service.processes import clean_env, free_port, stop_tree, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -53,67 +51,6 @@ def tiny_config(name: str, epochs: int = 1) -> dict[str, Any]:
         "eval": {"knn_k": [5]},
         "runtime": {"device": "cpu", "log_every_steps": 1},
     }  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(what: str, probe: Callable[[], bool], timeout: float, every: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if probe():
-                return
-        time.sleep(every)
-    raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc), including ones in other sessions."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def stop_tree(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM a process started in its own group, then SIGKILL what is left of its tree."""
-    if process.poll() is not None:
-        return
-    tree = descendants(process.pid)  # before they are orphaned
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=10)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("RAY_", "MLFLOW_", "KLSSL_"))
-    }
-    return env | extra
 
 
 @dataclass
