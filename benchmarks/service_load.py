@@ -51,7 +51,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.processes import HOST, clean_env, free_port, stop_tree, wait_for
+from service.processes import HOST, clean_env, free_port, spawn, stop_tree, wait_for
 from trainer.config import apply_overrides, read_config_file, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,11 +105,7 @@ class Stack:
         return {"Authorization": f"Bearer {self.api_token}"}
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        log = open(self.base / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the process)
-        self.processes[name] = subprocess.Popen(
-            args, env=env, cwd=self.base, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        self.processes[name] = spawn(args, env=env, cwd=self.base, log=self.base / f"{name}.log")
 
     def check_alive(self) -> None:
         for name, process in self.processes.items():

@@ -77,3 +77,14 @@ def clean_env(**extra: str) -> dict[str, str]:
     """This environment without RAY_/MLFLOW_/KLSSL_ variables, plus ``extra``."""
     prefixes = ("RAY_", "MLFLOW_", "KLSSL_")
     return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)} | extra
+
+
+def spawn(args: list[str], *, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Start ``args`` in a session (and process group) of its own, output appended to ``log``.
+
+    Its own group lets `stop_tree` stop it with everything it spawned, and nothing else.
+    """
+    output = log.open("ab")  # stays open as long as the process writes to it
+    return subprocess.Popen(
+        args, env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+    )

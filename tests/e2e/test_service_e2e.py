@@ -22,7 +22,7 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.processes import clean_env, free_port, stop_tree, wait_for
+from service.processes import clean_env, free_port, spawn, stop_tree, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -67,11 +67,7 @@ class Stack:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        log = open(self.base / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the process)
-        self.processes[name] = subprocess.Popen(
-            args, env=env, cwd=self.base, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        self.processes[name] = spawn(args, env=env, cwd=self.base, log=self.base / f"{name}.log")
 
     def start_ray(self) -> None:
         ports = self.ray_ports
