@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The example secrets of `.env.example` and `deploy/k8s` (one list, checked by the tests in
+# tests/deploy): a production service refuses to start with any of them.
+PLACEHOLDER_SECRETS = (
+    "change-me-api-token",
+    "change-me-ray-auth-token",
+    "change-me-postgres-password",
+    "change-me-minio-root-password",
+    "change-me-s3-secret-key",
+)
 
 
 class Settings(BaseSettings):
@@ -22,6 +33,12 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(env_prefix="KLSSL_", extra="ignore")
+
+    environment: Literal["development", "production"] = Field(
+        "development",
+        description="`production` refuses to start without API tokens and a Ray token, or "
+        "with a placeholder secret of .env.example (`PLACEHOLDER_SECRETS`).",
+    )
 
     database_url: str = Field(
         "sqlite:///runs/klssl-service.db",
@@ -73,6 +90,28 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         5.0, gt=0, description="Timeout of readiness probes to Ray and MLflow."
     )
+
+    @model_validator(mode="after")
+    def _production_secrets(self) -> Self:
+        if self.environment != "production":
+            return self
+        problems = []
+        if not self.api_tokens:
+            problems.append("KLSSL_API_TOKENS is empty (authentication would be off)")
+        if any(token in PLACEHOLDER_SECRETS for token in self.api_tokens):
+            problems.append("KLSSL_API_TOKENS holds a placeholder token")
+        ray_token = self.ray_auth_token.get_secret_value() if self.ray_auth_token else ""
+        if not ray_token or ray_token in PLACEHOLDER_SECRETS:
+            problems.append("KLSSL_RAY_AUTH_TOKEN is unset or a placeholder")
+        for name, url in (
+            ("KLSSL_DATABASE_URL", self.database_url),
+            ("KLSSL_MLFLOW_TRACKING_URI", self.mlflow_tracking_uri),
+        ):
+            if any(secret in url for secret in PLACEHOLDER_SECRETS):
+                problems.append(f"{name} holds a placeholder password")
+        if problems:
+            raise ValueError("production settings refused: " + "; ".join(problems))
+        return self
 
     def resolved_storage_path(self) -> str:
         """``storage_path`` as an absolute path (jobs run in other directories) or URI."""
