@@ -23,7 +23,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 run: $(INSTALLED)
-	$(BIN)/klssl train configs/digits-demo.yaml --output runs/digits-demo
+	$(BIN)/klssl up --demo
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/objective.py

@@ -1,12 +1,16 @@
 """``klssl submit | status | logs | cancel | list``: the service's REST API from a shell.
 
 The service URL and token come from ``--url`` / ``--token`` or ``KLSSL_API_URL`` /
-``KLSSL_API_TOKEN``. `register` adds these commands to the ``klssl`` Typer app.
+``KLSSL_API_TOKEN``; without them, from the local stack that ``klssl up`` started
+(``KLSSL_STATE_DIR``, default ``.klssl``). `register` adds these commands to the
+``klssl`` Typer app.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +21,21 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from service.stack import read_stack_info
 from trainer.config import ConfigError, apply_overrides, read_config_file
 
 console = Console(stderr=True)
 FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 Url = Annotated[
-    str, typer.Option("--url", envvar="KLSSL_API_URL", help="Base URL of the klssl service.")
+    str | None,
+    typer.Option(
+        "--url",
+        envvar="KLSSL_API_URL",
+        help="Base URL of the klssl service [default: the local stack's, else "
+        "http://127.0.0.1:8000].",
+        show_default=False,
+    ),
 ]
 Token = Annotated[
     str | None,
@@ -33,8 +45,20 @@ JobId = Annotated[str, typer.Argument(help="Job id.")]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def client(url: str, token: str | None) -> httpx.Client:
-    """An HTTP client for the service."""
+def connection(url: str | None, token: str | None) -> tuple[str, str | None]:
+    """The service URL and token: as given, else those of the local stack (``klssl up``)."""
+    stack = read_stack_info(Path(os.environ.get("KLSSL_STATE_DIR", ".klssl")))
+    if url is None:
+        url = stack.api_url if stack is not None else DEFAULT_URL
+    if token is None and stack is not None and stack.api_url == url.rstrip("/"):
+        with contextlib.suppress(OSError):
+            token = stack.api_token
+    return url, token
+
+
+def client(url: str | None, token: str | None) -> httpx.Client:
+    """An HTTP client for the service (see `connection` for the defaults)."""
+    url, token = connection(url, token)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=30.0)
 
@@ -108,7 +132,7 @@ def submit(
         str | None, typer.Option(help="Retry-safe key: the same key returns the same job.")
     ] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow until it ends.")] = False,
-    url: Url = DEFAULT_URL,
+    url: Url = None,
     token: Token = None,
 ) -> None:
     """Submit CONFIG as a job to the service (it is validated there)."""
@@ -132,7 +156,7 @@ def submit(
                 raise typer.Exit(1)
 
 
-def status(job_id: JobId, url: Url = DEFAULT_URL, token: Token = None) -> None:
+def status(job_id: JobId, url: Url = None, token: Token = None) -> None:
     """Print a job's record as JSON."""
     with client(url, token) as http:
         typer.echo(json.dumps(check(http.get(f"/v1/jobs/{job_id}")), indent=2))
@@ -155,7 +179,7 @@ def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
 def logs(
     job_id: JobId,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until it ends.")] = False,
-    url: Url = DEFAULT_URL,
+    url: Url = None,
     token: Token = None,
 ) -> None:
     """Print a job's log (with -f, keep streaming until the job ends)."""
@@ -179,7 +203,7 @@ def logs(
                     console.print(f"job ended: {data}")
 
 
-def cancel(job_id: JobId, url: Url = DEFAULT_URL, token: Token = None) -> None:
+def cancel(job_id: JobId, url: Url = None, token: Token = None) -> None:
     """Cancel a job."""
     with client(url, token) as http:
         typer.echo(describe(check(http.post(f"/v1/jobs/{job_id}/cancel"))))
@@ -190,7 +214,7 @@ def list_jobs(
         list[str] | None, typer.Option("--state", help="Only jobs in this state (repeatable).")
     ] = None,
     limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
-    url: Url = DEFAULT_URL,
+    url: Url = None,
     token: Token = None,
 ) -> None:
     """List jobs, newest first."""

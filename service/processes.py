@@ -55,20 +55,60 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def process_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) of ``pid``; None when gone.
+
+    The start time tells a process from a later one that reused its pid.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[19])
+
+
+def is_alive(pid: int, start_time: int | None = None) -> bool:
+    """Whether ``pid`` runs (not a zombie), and is the process that started at ``start_time``."""
+    state = process_state(pid)
+    if state is None or state[0] in ("Z", "X"):
+        return False
+    return start_time is None or state[1] == start_time
+
+
+def _wait_gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(is_alive(pid) for pid in pids):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def stop_group(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM the process group led by ``pid``, then SIGKILL what is left of its tree.
+
+    ``pid`` must lead its own group (started with `spawn`), so the signal reaches what it
+    spawned and nothing else; descendants that left the group are found through /proc.
+    """
+    tree = descendants(pid)  # before they are orphaned
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    if _wait_gone([pid], grace) and _wait_gone(tree, 2.0):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for child in [pid, *tree]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, signal.SIGKILL)
+    _wait_gone([pid, *tree], 10.0)
+
+
 def stop_tree(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM a process started in its own group, then SIGKILL what is left of its tree."""
+    """`stop_group` for a child process of ours, which is then reaped."""
     if process.poll() is not None:
         return
-    tree = descendants(process.pid)  # before they are orphaned
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+    stop_group(process.pid, grace)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=10)
 

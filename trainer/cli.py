@@ -119,9 +119,12 @@ def evaluate_checkpoint(
         typer.echo(f"{name}: {value:.2f}%")
 
 
-from service.cli import register  # noqa: E402  (the service commands: submit, status, ...)
+# The service commands (submit, status, ...) and the local stack (up, down).
+from service.cli import register  # noqa: E402
+from service.stack_cli import register as register_stack  # noqa: E402
 
 register(app)
+register_stack(app)
 
 
 def main() -> None:

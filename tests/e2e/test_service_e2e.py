@@ -1,20 +1,18 @@
 """The control plane end to end over HTTP: uvicorn, a real Ray head, a real MLflow server.
 
-One Ray head (``ray start --head`` on loopback, token authentication on, 2 CPUs) and one
-MLflow tracking server (SQLite backend) serve the whole module; the API runs in its own
-uvicorn process so it can be restarted mid-job. Every process started here is stopped
-by its pid (or its own process group), never by name.
+The module's stack is the local stack of ``klssl up`` (`service.stack.LocalStack`): a Ray
+head on loopback with token authentication and 2 CPUs, an MLflow tracking server (SQLite
+backend) and the API in its own uvicorn process, so that each can be stopped and started
+again mid-job. Every process is stopped by its pid (and process group), never by name.
 """
 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +20,11 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.processes import clean_env, free_port, spawn, stop_tree, wait_for
+from service.processes import free_port, wait_for
+from service.stack import API, HEAD, LocalStack, StackInfo, StackOptions
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-RAY_TOKEN = "klssl-e2e-ray-token-8c1d6f2a9b3e4d7f0a5c"
-API_TOKEN = "klssl-e2e-api-token-alice-3f9a"
-AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
@@ -55,115 +49,62 @@ def tiny_config(name: str, epochs: int = 1) -> dict[str, Any]:
 
 @dataclass
 class Stack:
-    """The processes of the module and how to reach them."""
+    """The running local stack and how to reach it."""
 
+    local: LocalStack
+    info: StackInfo
     base: Path
-    ray_ports: dict[str, int]
-    dashboard_url: str
-    mlflow_url: str
-    api_url: str
-    api_env: dict[str, str]
-    data_root: Path
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.processes[name] = spawn(args, env=env, cwd=self.base, log=self.base / f"{name}.log")
+    @property
+    def api_url(self) -> str:
+        return self.info.api_url
 
-    def start_ray(self) -> None:
-        ports = self.ray_ports
-        self.start(
-            "ray",
-            [
-                str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-                "--node-ip-address", "127.0.0.1", "--port", str(ports["gcs"]),
-                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"]),
-                "--ray-client-server-port", str(ports["client"]),
-                "--dashboard-agent-listen-port", str(ports["agent_http"]),
-                "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
-                "--runtime-env-agent-port", str(ports["runtime_env"]),
-                "--metrics-export-port", str(ports["metrics"]),
-                "--num-cpus", "2", "--temp-dir", str(self.base / "ray"),
-                "--include-dashboard", "true",
-            ],
-            clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=RAY_TOKEN),
-        )  # fmt: skip
-        headers = {"Authorization": f"Bearer {RAY_TOKEN}"}
-        wait_for(
-            "Ray dashboard",
-            lambda: httpx.get(f"{self.dashboard_url}/api/jobs/", headers=headers).is_success,
-            timeout=120,
-        )
+    @property
+    def mlflow_url(self) -> str:
+        return self.info.mlflow_url
 
-    def stop(self, name: str) -> None:
-        stop_tree(self.processes.pop(name))
-
-    def start_api(self) -> None:
-        port = self.api_url.rsplit(":", 1)[1]
-        self.start(
-            "api",
-            [
-                str(BIN / "uvicorn"), "--factory", "service.app:app_from_env",
-                "--host", "127.0.0.1", "--port", port, "--app-dir", str(REPO),
-            ],
-            self.api_env,
-        )  # fmt: skip
-        wait_for("API", lambda: httpx.get(f"{self.api_url}/healthz").is_success, timeout=60)
+    def restart(self, name: str, *, stopped_for: float = 0.0) -> None:
+        """Stop ``name``, keep it down ``stopped_for`` seconds, start it, wait until healthy."""
+        self.local.stop(name)
+        time.sleep(stopped_for)
+        self.local.start(name, self.info)
+        self.local.wait_healthy(name, self.info)
 
     def ray_client(self) -> Any:
         from ray.job_submission import JobSubmissionClient
 
-        return JobSubmissionClient(
-            self.dashboard_url, headers={"Authorization": f"Bearer {RAY_TOKEN}"}
-        )
+        headers = {"Authorization": f"Bearer {self.info.ray_token}"}
+        return JobSubmissionClient(self.info.dashboard_url, headers=headers)
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     base = Path(tempfile.mkdtemp(prefix="klssl-e2e-", dir="/tmp"))  # short: Ray's sockets
-    names = ("gcs", "dashboard", "client", "agent_http", "agent_grpc", "runtime_env", "metrics")
-    ray_ports = {name: free_port() for name in names}
-    mlflow_port, api_port = free_port(), free_port()
     data_root = base / "data"
     (data_root / "images" / "a").mkdir(parents=True)
-    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
-    dashboard_url = f"http://127.0.0.1:{ray_ports['dashboard']}"
-    api_env = clean_env(
-        KLSSL_DATABASE_URL=f"sqlite:///{base / 'jobs.db'}",
-        KLSSL_RAY_ADDRESS=dashboard_url,
-        KLSSL_RAY_AUTH_TOKEN=RAY_TOKEN,
-        KLSSL_MLFLOW_TRACKING_URI=mlflow_url,
-        KLSSL_STORAGE_PATH=str(base / "storage"),
-        KLSSL_API_TOKENS=f'{{"{API_TOKEN}": "alice"}}',
-        KLSSL_ALLOWED_DATA_ROOTS=f'["{data_root}"]',
-        KLSSL_MAX_CONCURRENT_JOBS="2",
-        KLSSL_DISPATCH_INTERVAL_S="1",
+    options = StackOptions(
+        state_dir=base / "state",
+        api_port=free_port(),
+        mlflow_port=free_port(),
+        dashboard_port=free_port(),
+        ray_port=free_port(),
+        head_cpus=2,
+        data_roots=(data_root,),
+        max_concurrent_jobs=2,
+        dispatch_interval_s=1.0,
     )
-    stack = Stack(
-        base, ray_ports, dashboard_url, mlflow_url, f"http://127.0.0.1:{api_port}", api_env,
-        data_root,
-    )  # fmt: skip
+    local = LocalStack(options)
     try:
-        stack.start(
-            "mlflow",
-            [
-                str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
-                "--artifacts-destination", str(base / "mlartifacts"), "--workers", "1",
-            ],
-            clean_env(),
-        )  # fmt: skip
-        stack.start_ray()
-        wait_for("MLflow", lambda: httpx.get(f"{mlflow_url}/health").is_success, timeout=120)
-        stack.start_api()
-        yield stack
+        info = local.up(report=lambda _: None)
+        yield Stack(local, info, base)
     finally:
-        for name in list(stack.processes):
-            stack.stop(name)
+        local.down()
         shutil.rmtree(base, ignore_errors=True)
 
 
 def api(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.api_url, headers=AUTH, timeout=30)
+    headers = {"Authorization": f"Bearer {stack.info.api_token}"}
+    return httpx.Client(base_url=stack.api_url, headers=headers, timeout=30)
 
 
 def wait_state(http: httpx.Client, job_id: str, states: set[str], timeout: float) -> dict[str, Any]:
@@ -200,8 +141,7 @@ def test_a_job_survives_an_api_restart_and_succeeds_with_mlflow_metrics(stack: S
         run_id = created.json()["mlflow_run_id"]
         assert run_id and created.headers["Location"] == f"/v1/jobs/{job_id}"
         wait_state(http, job_id, {"RUNNING"} | FINAL, timeout=90)
-    stack.stop("api")  # mid-job: the record is in the database, the job in Ray
-    stack.start_api()
+    stack.restart(API)  # mid-job: the record is in the database, the job in Ray
     with api(stack) as http:
         job = wait_state(http, job_id, FINAL, timeout=150)
         assert job["state"] == "SUCCEEDED", job
@@ -280,9 +220,14 @@ def test_bad_input_is_a_422_and_creates_nothing(stack: Stack) -> None:
     assert len(stack.ray_client().list_jobs()) == ray_jobs_before
 
 
-def test_without_ray_readiness_fails_and_jobs_wait_queued_until_it_returns(stack: Stack) -> None:
-    stack.stop("ray")
+def test_a_ray_head_restart_fails_its_jobs_and_queues_new_ones_until_ray_returns(
+    stack: Stack,
+) -> None:
     with api(stack) as http:
+        lost = http.post("/v1/jobs", json={"config": tiny_config("e2e-lost", epochs=500)})
+        lost_id = lost.json()["id"]
+        wait_state(http, lost_id, {"RUNNING"}, timeout=90)
+        stack.local.stop(HEAD)  # the head and its job table go away mid-job
         ready = http.get("/readyz")
         assert ready.status_code == 503
         checks = ready.json()["checks"]
@@ -290,7 +235,12 @@ def test_without_ray_readiness_fails_and_jobs_wait_queued_until_it_returns(stack
         job_id = http.post("/v1/jobs", json={"config": tiny_config("e2e-queued")}).json()["id"]
         time.sleep(3)  # several dispatcher rounds
         assert http.get(f"/v1/jobs/{job_id}").json()["state"] == "QUEUED"
-        stack.start_ray()
+        assert http.get(f"/v1/jobs/{lost_id}").json()["state"] == "RUNNING"  # unknown yet
+        stack.restart(HEAD)
+        failed = wait_state(http, lost_id, FINAL, timeout=60)
+        assert failed["state"] == "FAILED" and "no longer" in failed["error"], failed
         wait_state(http, job_id, {"PENDING", "RUNNING"} | FINAL, timeout=60)
         assert http.get("/readyz").status_code == 200
         http.post(f"/v1/jobs/{job_id}/cancel")
+    run = MlflowClient(stack.mlflow_url).get_run(lost.json()["mlflow_run_id"])
+    assert run.info.status == "FAILED"

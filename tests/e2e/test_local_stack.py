@@ -1,0 +1,98 @@
+"""``klssl up --demo`` (what ``make run`` runs) end to end, then ``klssl down``.
+
+The stack is started the way ``make run`` starts it, as a separate ``klssl`` process on
+free ports (given through the environment, as a user would); the demo job goes through
+the REST API; its MLflow run is then checked with MLflow's own client, and ``down`` must
+leave no process of the stack behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from service.processes import clean_env, descendants, free_port, is_alive
+from service.stack import LocalStack, StackOptions, read_stack_info
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[2]
+KLSSL = str(Path(sys.executable).parent / "klssl")
+Completed = subprocess.CompletedProcess[str]
+DEMO = ["--set", "schedule.epochs=1", "--set", "data.max_samples=400"]
+
+
+def klssl(*args: str, env: dict[str, str], timeout: float = 600) -> Completed:
+    return subprocess.run(
+        [KLSSL, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="klssl-up-", dir="/tmp"))
+    try:
+        yield base / "state"
+    finally:
+        LocalStack(StackOptions(state_dir=base / "state")).down()  # only if a test failed
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_up_demo_then_down_leaves_nothing(state_dir: Path) -> None:
+    ports = {
+        "KLSSL_UP_API_PORT": free_port(),
+        "KLSSL_UP_MLFLOW_PORT": free_port(),
+        "KLSSL_UP_DASHBOARD_PORT": free_port(),
+        "KLSSL_UP_RAY_PORT": free_port(),
+    }
+    env = clean_env(**{key: str(port) for key, port in ports.items()})
+    up = klssl("up", "--state-dir", str(state_dir), "--cpus", "2", "--demo", *DEMO, env=env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    accuracy = re.search(r"k-NN top-1 \(k=20\): ([\d.]+)%", up.stdout)
+    run_url = re.search(r"MLflow run: (\S+)/#/experiments/(\d+)/runs/(\w+)", up.stdout)
+    assert accuracy and run_url, up.stdout
+
+    info = read_stack_info(state_dir)
+    assert info is not None and info.api_url.endswith(str(ports["KLSSL_UP_API_PORT"]))
+    assert (state_dir / "api-token").stat().st_mode & 0o777 == 0o600
+    run = MlflowClient(info.mlflow_url).get_run(run_url.group(3))
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.kind"] == "digits"
+    assert run.data.metrics["knn_top1"] == pytest.approx(float(accuracy.group(1)), abs=0.006)
+    assert run.data.tags["klssl.job_id"].startswith("job-")
+
+    again = klssl("up", "--state-dir", str(state_dir), env=env, timeout=60)
+    assert again.returncode == 0 and "already running" in again.stderr, again.stderr
+    taken = klssl("up", "--state-dir", str(state_dir.parent / "other"), env=env, timeout=60)
+    assert taken.returncode == 1
+    message = " ".join(taken.stderr.split())
+    assert f"port {ports['KLSSL_UP_API_PORT']} (the API) is in use" in message
+    assert "--api-port or KLSSL_UP_API_PORT" in message
+
+    stack = LocalStack(StackOptions(state_dir=state_dir))
+    records = [stack.record(name) for name in info.components]
+    started = [record.pid for record in records if record is not None]
+    assert len(started) == len(info.components) and all(r and r.alive() for r in records)
+    tree = [pid for pid in started for pid in (pid, *descendants(pid))]
+    down = klssl("down", "--state-dir", str(state_dir), env=env, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert not [pid for pid in tree if is_alive(pid)]
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _mentions(pid, state_dir)]
+
+
+def _mentions(pid: str, state_dir: Path) -> bool:
+    """Whether a live process has the state dir on its command line."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return str(state_dir) in command and is_alive(int(pid))
