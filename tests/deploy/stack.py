@@ -148,6 +148,8 @@ def service_environment(service: Json) -> dict[str, str]:
 
 # ----------------------------------------------------------------------- kubernetes
 
+# Not resources of the kustomization: examples of what the operator creates (the Secret).
+EXAMPLES = ("secret.example.yaml",)
 _CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume"}
 
 
@@ -180,7 +182,7 @@ def pod_specs(obj: Json) -> list[Json]:
 def _rendered() -> tuple[Json, ...]:
     kustomize = kustomization()
     objects: list[Json] = []
-    for name in kustomize["resources"]:
+    for name in [*kustomize["resources"], *EXAMPLES]:
         for document in yaml.safe_load_all((K8S_DIR / name).read_text()):
             if document:
                 objects.append(document)
@@ -201,7 +203,8 @@ def _rendered() -> tuple[Json, ...]:
 
 
 def render() -> list[Json]:
-    """``kustomize build deploy/k8s`` for the features the base uses (a fresh copy)."""
+    """``kustomize build deploy/k8s`` for the features the base uses (a fresh copy), plus
+    the `EXAMPLES`, which stand in for the objects the operator creates by hand."""
     return copy.deepcopy(list(_rendered()))
 
 

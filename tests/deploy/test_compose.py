@@ -256,3 +256,10 @@ def test_interpolation_follows_compose_rules() -> None:
     assert interpolate("${SET:?boom}", env) == "x"
     with pytest.raises(InterpolationError, match="EMPTY: boom"):
         interpolate("${EMPTY:?boom}", env)
+
+
+def test_python_healthchecks_compile() -> None:
+    for name, service in compose()["services"].items():
+        test = service.get("healthcheck", {}).get("test", [])
+        if test[:3] == ["CMD", "python", "-c"]:
+            compile(test[3], f"{name} healthcheck", "exec")

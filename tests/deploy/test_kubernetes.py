@@ -22,6 +22,7 @@ import pytest
 from referencing import Registry, Resource
 
 from tests.deploy.stack import (
+    EXAMPLES,
     K8S_DIR,
     SCHEMAS,
     Json,
@@ -62,7 +63,8 @@ def raycluster_schema() -> Json:
 def test_the_kustomization_lists_every_manifest() -> None:
     listed = set(kustomization()["resources"])
     on_disk = {path.name for path in K8S_DIR.glob("*.yaml")} - {"kustomization.yaml"}
-    assert listed == on_disk
+    assert listed == on_disk - set(EXAMPLES)
+    assert not [name for name in listed if "example" in name], "placeholders never deploy"
     assert set(kustomization()) <= {
         "apiVersion",
         "kind",
@@ -250,3 +252,13 @@ def test_pods_run_without_privileges_on_pinned_images() -> None:
             assert context["allowPrivilegeEscalation"] is False
             assert context["capabilities"]["drop"] == ["ALL"]
             assert "resources" in container and "memory" in container["resources"]["limits"]
+
+
+def test_ray_pods_bring_probes_that_need_no_wget() -> None:
+    """KubeRay injects wget-based probes unless a container has its own."""
+    ray = find(render(), "RayCluster", "klssl-ray")
+    for container in containers(ray):
+        for probe in ("readinessProbe", "livenessProbe"):
+            command = container[probe]["exec"]["command"]
+            assert command[:2] == ["python", "-c"], container["name"]
+            compile(command[2], f"{container['name']} {probe}", "exec")
