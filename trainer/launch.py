@@ -491,8 +491,13 @@ def build_trainer(
     max_failures: int,
     keep_checkpoints: int,
     train_loop: Callable[[dict[str, Any]], Any] = train_loop_per_worker,
+    callbacks: Sequence[Any] = (),
 ) -> ray.train.torch.TorchTrainer:
-    """The `TorchTrainer` of a run (nothing starts until ``fit``)."""
+    """The `TorchTrainer` of a run (nothing starts until ``fit``).
+
+    ``callbacks`` are Ray Train user callbacks of the run (a Tune trial passes
+    ``TuneReportCallback`` so that every report reaches Tune).
+    """
     require_train_v2()
     return ray.train.torch.TorchTrainer(
         train_loop,
@@ -509,6 +514,7 @@ def build_trainer(
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=list(callbacks) or None,
         ),
     )
 

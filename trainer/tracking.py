@@ -123,17 +123,20 @@ def create_run(
     *,
     run_name: str,
     tags: Mapping[str, str] | None = None,
+    experiment_id: str | None = None,
 ) -> TrackedRun:
     """Create the MLflow run of a job (driver side, before training starts).
 
-    The experiment is the config's ``name``; params are the flattened config and
+    The experiment is the config's ``name`` unless ``experiment_id`` is given (a sweep's
+    trials go into their parent run's experiment); params are the flattened config and
     ``config.json`` is stored as an artifact, so the run says exactly how it was made.
     """
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = _experiment_id(client, config.name, tracking_uri)
+    if experiment_id is None:
+        experiment_id = _experiment_id(client, config.name, tracking_uri)
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
     tracked = TrackedRun(tracking_uri, run.info.run_id, experiment_id)
     params = [Param(key, value[:_MAX_PARAM_LENGTH]) for key, value in sorted(config.flat().items())]
