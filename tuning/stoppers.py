@@ -1,0 +1,113 @@
+"""Stop trials whose clusters collapsed, judged from the label-free diagnostics.
+
+A collapsed run wastes the rest of its budget: its teacher either puts every image in
+one cluster (H(pi) -> 0) or gives every image the same, uniform distribution
+(H(P_t(.|x)) -> H(pi) -> log K). The mutual information I(x; y) = H(pi) - E_x[H(P_t)]
+goes to zero in both cases (DESIGN.md section 1), so a trial whose ``mutual_info`` stays
+below a threshold for ``patience`` consecutive epochs, after ``grace_epochs`` of
+warm-up, is stopped. The decision is a pure function of the trial's reports
+(`collapse_epoch`), so the sweep's MLflow callback can tell a collapse stop from an ASHA
+stop with the same rule, and the rule is tested without Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ray.tune.stopper import Stopper
+
+from tuning.config import CollapseConfig
+
+
+def collapse_epoch(
+    reports: Iterable[tuple[float, float]],
+    *,
+    threshold: float,
+    patience: int,
+    grace_epochs: int,
+) -> float | None:
+    """The epoch at which a run counts as collapsed, or None.
+
+    Args:
+        reports: (epoch, metric) per report in order; ``epoch`` is the number of
+            completed epochs. Reports at or before ``grace_epochs`` are not judged.
+        threshold: the metric is collapsed while strictly below this.
+        patience: consecutive collapsed reports needed.
+        grace_epochs: epochs of warm-up never judged.
+
+    Returns:
+        The epoch of the report that completed ``patience`` collapsed reports in a row.
+    """
+    streak = 0
+    for epoch, value in reports:
+        if epoch <= grace_epochs:
+            continue
+        streak = streak + 1 if value < threshold else 0
+        if streak >= patience:
+            return epoch
+    return None
+
+
+class CollapseHistory:
+    """Per-trial (epoch, metric) reports and the collapse rule applied to them.
+
+    A trial restarted from a checkpoint re-reports epochs it reported before; each epoch
+    keeps its newest value, so the history stays one value per epoch.
+
+    Args:
+        settings: the sweep's collapse settings.
+        max_epochs: a trial's epoch budget; a trial that reached it is finishing (its
+            backbone is being exported) and is never stopped.
+    """
+
+    def __init__(self, settings: CollapseConfig, max_epochs: int) -> None:
+        self.settings = settings
+        self.max_epochs = max_epochs
+        self.reports: dict[str, dict[float, float]] = {}
+
+    def observe(self, trial_id: str, result: Mapping[str, Any]) -> bool:
+        """Record one Tune result; True when the trial should stop for collapse now."""
+        metric = self.settings.metric
+        if "epoch" not in result or metric not in result:
+            return False
+        epoch = float(result["epoch"])
+        self.reports.setdefault(trial_id, {})[epoch] = float(result[metric])
+        return self.enabled and epoch < self.max_epochs and self.collapsed(trial_id)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether collapse stopping is on."""
+        return self.settings.enabled
+
+    def collapsed(self, trial_id: str) -> bool:
+        """Whether the trial's reports so far meet the collapse rule."""
+        reports = sorted(self.reports.get(trial_id, {}).items())
+        return (
+            collapse_epoch(
+                reports,
+                threshold=self.settings.threshold,
+                patience=self.settings.patience,
+                grace_epochs=self.settings.grace_epochs,
+            )
+            is not None
+        )
+
+
+class CollapseStopper(Stopper):
+    """Ray Tune stopper: stops one trial once its clusters collapsed (see module doc).
+
+    Args:
+        settings: threshold, patience, grace epochs and the metric (``mutual_info``).
+        max_epochs: the trials' epoch budget (trials at it are left to finish).
+    """
+
+    def __init__(self, settings: CollapseConfig, max_epochs: int) -> None:
+        self.history = CollapseHistory(settings, max_epochs)
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return self.history.observe(trial_id, result)
+
+    def stop_all(self) -> bool:
+        """A collapse ends its own trial, never the sweep."""
+        return False
