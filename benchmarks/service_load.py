@@ -1,8 +1,9 @@
 """Load benchmark of the control plane: concurrent submissions, status polling, cancelling.
 
-Starts its own stack on loopback, every process in its own process group: a Ray head
-(``ray start --head``, token authentication, 2 CPUs), an MLflow tracking server (SQLite
-backend) and the API under uvicorn with ``KLSSL_MAX_CONCURRENT_JOBS=1``. Then:
+Starts its own local stack (`service.stack.LocalStack`, what ``klssl up`` runs) on free
+loopback ports: a Ray head (token authentication, 2 CPUs, lower CPU priority), an MLflow
+tracking server (SQLite backend) and the API under uvicorn with
+``KLSSL_MAX_CONCURRENT_JOBS=1``. Then:
 
 1. ``--submissions`` (50) concurrent ``POST /v1/jobs``, each with its own Idempotency-Key
    and a tiny digits config (``configs/digits-demo.yaml`` plus `OVERRIDES`, a job of
@@ -40,7 +41,6 @@ import secrets
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,12 +51,12 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.processes import HOST, clean_env, free_port, spawn, stop_tree, wait_for
+from service.processes import free_port
+from service.stack import LocalStack, StackInfo, StackOptions
 from trainer.config import apply_overrides, read_config_file, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-BIN = Path(sys.executable).parent
 FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 ACTIVE = {"PENDING", "RUNNING"}
 RAY_NOT_FINAL = {"PENDING", "RUNNING"}
@@ -81,114 +81,45 @@ OVERRIDES = [
 
 
 class Stack:
-    """Ray head, MLflow server and the API, each in its own process group."""
+    """The local stack of ``klssl up`` on free ports, and how the benchmark reaches it."""
 
     def __init__(self, base: Path, max_concurrent: int, dispatch_interval_s: float) -> None:
-        self.base = base
-        self.ray_token = secrets.token_hex(16)
-        self.api_token = secrets.token_hex(16)
-        names = ("gcs", "dashboard", "client", "agent_http", "agent_grpc", "runtime_env")
-        self.ray_ports = {name: free_port() for name in (*names, "metrics")}
-        self.mlflow_url = f"http://{HOST}:{free_port()}"
-        self.dashboard_url = f"http://{HOST}:{self.ray_ports['dashboard']}"
-        self.api_url = f"http://{HOST}:{free_port()}"
-        self.max_concurrent = max_concurrent
-        self.dispatch_interval_s = dispatch_interval_s
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.local = LocalStack(
+            StackOptions(
+                state_dir=base / "state",
+                api_port=free_port(),
+                mlflow_port=free_port(),
+                dashboard_port=free_port(),
+                ray_port=free_port(),
+                head_cpus=2,
+                max_concurrent_jobs=max_concurrent,
+                dispatch_interval_s=dispatch_interval_s,
+            )
+        )
+        self.info: StackInfo | None = None
+
+    def start_all(self) -> None:
+        self.info = self.local.up(report=lambda _: None)
+
+    def stop_all(self) -> None:
+        self.local.down()
 
     @property
-    def ray_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.ray_token}"}
+    def api_url(self) -> str:
+        assert self.info is not None
+        return self.info.api_url
 
     @property
     def api_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_token}"}
-
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.processes[name] = spawn(args, env=env, cwd=self.base, log=self.base / f"{name}.log")
-
-    def check_alive(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}; see {self.base}")
-
-    def start_all(self) -> None:
-        port = self.mlflow_url.rsplit(":", 1)[1]
-        self.start(
-            "mlflow",
-            [
-                str(BIN / "mlflow"), "server", "--host", HOST, "--port", port,
-                "--backend-store-uri", f"sqlite:///{self.base / 'mlflow.db'}",
-                "--artifacts-destination", str(self.base / "mlartifacts"), "--workers", "1",
-            ],
-            clean_env(),
-        )  # fmt: skip
-        ports = self.ray_ports
-        self.start(
-            "ray",
-            [
-                str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-                "--node-ip-address", HOST, "--port", str(ports["gcs"]),
-                "--dashboard-host", HOST, "--dashboard-port", str(ports["dashboard"]),
-                "--ray-client-server-port", str(ports["client"]),
-                "--dashboard-agent-listen-port", str(ports["agent_http"]),
-                "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
-                "--runtime-env-agent-port", str(ports["runtime_env"]),
-                "--metrics-export-port", str(ports["metrics"]),
-                "--num-cpus", "2", "--temp-dir", str(self.base / "ray"),
-                "--include-dashboard", "true",
-            ],
-            clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.ray_token),
-        )  # fmt: skip
-
-        def ray_up() -> bool:
-            self.check_alive()
-            url = f"{self.dashboard_url}/api/jobs/"
-            return httpx.get(url, headers=self.ray_headers, trust_env=False).is_success
-
-        def mlflow_up() -> bool:
-            self.check_alive()
-            return httpx.get(f"{self.mlflow_url}/health", trust_env=False).is_success
-
-        wait_for("Ray dashboard", ray_up, timeout=180)
-        wait_for("MLflow", mlflow_up, timeout=120)
-        api_env = clean_env(
-            KLSSL_DATABASE_URL=f"sqlite:///{self.base / 'jobs.db'}",
-            KLSSL_RAY_ADDRESS=self.dashboard_url,
-            KLSSL_RAY_AUTH_TOKEN=self.ray_token,
-            KLSSL_MLFLOW_TRACKING_URI=self.mlflow_url,
-            KLSSL_STORAGE_PATH=str(self.base / "storage"),
-            KLSSL_API_TOKENS=json.dumps({self.api_token: "bench"}),
-            KLSSL_ALLOWED_DATA_ROOTS="[]",
-            KLSSL_MAX_CONCURRENT_JOBS=str(self.max_concurrent),
-            KLSSL_DISPATCH_INTERVAL_S=str(self.dispatch_interval_s),
-        )
-        self.start(
-            "api",
-            [
-                str(BIN / "uvicorn"), "--factory", "service.app:app_from_env",
-                "--host", HOST, "--port", self.api_url.rsplit(":", 1)[1],
-                "--app-dir", str(REPO), "--log-level", "warning",
-            ],
-            api_env,
-        )  # fmt: skip
-
-        def api_ready() -> bool:
-            self.check_alive()
-            return httpx.get(f"{self.api_url}/readyz", trust_env=False).is_success
-
-        wait_for("API", api_ready, timeout=120)
-
-    def stop_all(self) -> None:
-        for name in ("api", "ray", "mlflow"):  # the API first: its dispatcher talks to Ray
-            process = self.processes.pop(name, None)
-            if process is not None:
-                stop_tree(process)
+        assert self.info is not None
+        return {"Authorization": f"Bearer {self.info.api_token}"}
 
     def ray_client(self) -> Any:
         from ray.job_submission import JobSubmissionClient
 
-        return JobSubmissionClient(self.dashboard_url, headers=self.ray_headers)
+        assert self.info is not None
+        headers = {"Authorization": f"Bearer {self.info.ray_token}"}
+        return JobSubmissionClient(self.info.dashboard_url, headers=headers)
 
 
 # --- measurements -----------------------------------------------------------------------

@@ -21,7 +21,8 @@ from service.deps import (
     StoreDep,
     TrackingDep,
 )
-from service.jobs import InvalidJobError, JobFinishedError, cancel_job, submit_job
+from service.dispatcher import Dispatcher
+from service.jobs import Accepted, InvalidJobError, JobFinishedError, cancel_job, submit_job
 from service.ray_jobs import RayJobNotFoundError, RayJobsClient, RayUnavailableError
 from service.schemas import (
     Check,
@@ -32,13 +33,20 @@ from service.schemas import (
     MetricPointOut,
     Readiness,
 )
-from service.store import Job, JobState, JobStore
-from service.tracking import TrackingUnavailableError
+from service.settings import Settings
+from service.store import Job, JobKind, JobState, JobStore
+from service.tracking import Tracking, TrackingUnavailableError
+from trainer.config import TrainConfig
+from tuning.config import SweepConfig
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 health = APIRouter(tags=["health"])
 
 LOG_POLL_S = 1.0
+IdempotencyKey = Annotated[
+    str | None,
+    Header(max_length=256, description="A retry with the same key returns the same record."),
+]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No job with this id."}}
 
 
@@ -75,34 +83,54 @@ async def create_job(
     tracking: TrackingDep,
     settings: SettingsDep,
     dispatcher: DispatcherDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(max_length=256, description="A retry with the same key returns the same job."),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobOut | JSONResponse:
     """Accept a training job: recorded QUEUED with its MLflow run, then dispatched to Ray."""
+    accepted = await accept(
+        body.config, body.name, body.tags, owner, store, tracking, settings, idempotency_key
+    )
+    if isinstance(accepted, JSONResponse):
+        return accepted
+    announce(accepted, response, dispatcher, "/v1/jobs")
+    return JobOut.of(accepted.job, settings)
+
+
+async def accept(
+    config: TrainConfig | SweepConfig,
+    name: str | None,
+    tags: dict[str, str],
+    owner: str,
+    store: JobStore,
+    tracking: Tracking,
+    settings: Settings,
+    idempotency_key: str | None,
+) -> Accepted | JSONResponse:
+    """Record a job or sweep (`submit_job`), or the 422 / 503 that says why not."""
     try:
-        accepted = await run_in_threadpool(
+        return await run_in_threadpool(
             submit_job,
             store,
             tracking,
             settings,
             owner=owner,
-            config=body.config,
-            name=body.name,
-            tags=body.tags,
+            config=config,
+            name=name,
+            tags=tags,
             idempotency_key=idempotency_key,
         )
     except InvalidJobError as error:
         return invalid(error)
     except TrackingUnavailableError as error:  # nothing was recorded
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
-    response.headers["Location"] = f"/v1/jobs/{accepted.job.id}"
+
+
+def announce(accepted: Accepted, response: Response, dispatcher: Dispatcher, prefix: str) -> None:
+    """Location (and replay) headers; a new record wakes the dispatcher up."""
+    response.headers["Location"] = f"{prefix}/{accepted.job.id}"
     if accepted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     else:
         dispatcher.wakeup.set()
-    return JobOut.of(accepted.job, settings)
 
 
 @router.get("/jobs", response_model=JobList)
@@ -114,8 +142,8 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobList:
-    """Jobs newest first, optionally filtered by state."""
-    page = store.page(states=state or [], offset=offset, limit=limit)
+    """Training jobs newest first, optionally filtered by state (sweeps: ``/v1/sweeps``)."""
+    page = store.page(states=state or [], kind=JobKind.TRAIN, offset=offset, limit=limit)
     return JobList(
         items=[JobOut.of(job, settings) for job in page.items],
         total=page.total,
@@ -144,11 +172,17 @@ def cancel(
     settings: SettingsDep,
 ) -> JobOut:
     """Cancel a job (stops its Ray job); 409 when it already ended."""
-    job = find_job(store, job_id)
+    return JobOut.of(cancel_owned(find_job(store, job_id), owner, store, ray, tracking), settings)
+
+
+def cancel_owned(
+    job: Job, owner: str, store: JobStore, ray: RayJobsClient, tracking: Tracking
+) -> Job:
+    """`cancel_job` for the job's owner: 403 for another owner, 409 when it already ended."""
     if owner != ANONYMOUS and job.owner != owner:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"job {job_id!r} belongs to another owner")
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"job {job.id!r} belongs to another owner")
     try:
-        return JobOut.of(cancel_job(store, ray, tracking, job), settings)
+        return cancel_job(store, ray, tracking, job)
     except JobFinishedError as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
     except RayUnavailableError as error:

@@ -24,6 +24,7 @@ from service.dispatcher import Dispatcher
 from service.ray_jobs import RayJobs, RayJobsClient
 from service.settings import Settings
 from service.store import JobStore
+from service.sweeps_api import router as sweeps_router
 from service.tracking import Tracking
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def create_app(
 
     app.include_router(health)
     app.include_router(router)
+    app.include_router(sweeps_router)
     return app
 
 

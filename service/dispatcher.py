@@ -24,7 +24,7 @@ from service.ray_jobs import (
     job_environment,
 )
 from service.settings import Settings
-from service.store import ACTIVE_STATES, Job, JobState, JobStore
+from service.store import ACTIVE_STATES, Job, JobKind, JobState, JobStore
 from service.tracking import Tracking, TrackingUnavailableError
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Dispatcher:
         self.ray.submit(
             sid,
             config_json=dump_config(job.config),
-            args=entrypoint_args(job.id, job.mlflow_run_id),
+            args=entrypoint_args(job.id, job.mlflow_run_id, JobKind(job.kind)),
             env=job_environment(self.settings),
         )
         recorded = self.store.transition(job.id, JobState.PENDING, ray_submission_id=sid)
@@ -137,7 +137,11 @@ class Dispatcher:
         if job.mlflow_run_id is None or not self.mlflow_reachable:
             return
         try:
-            progress = self.tracking.progress(job.mlflow_run_id)
+            if job.kind == JobKind.SWEEP:
+                metric, mode = job.config["metric"], job.config["mode"]
+                progress = self.tracking.sweep_progress(job.mlflow_run_id, metric, mode)
+            else:
+                progress = self.tracking.progress(job.mlflow_run_id)
         except Exception as error:  # MLflow down: progress waits, states do not
             log.warning("no progress for %s from MLflow: %s", job.id, error)
             return
@@ -157,7 +161,9 @@ class Dispatcher:
                 uris = self.tracking.checkpoint_uris(job.mlflow_run_id)
                 if uris:
                     fields["checkpoint_uris"] = uris
-                self.tracking.terminate(job.mlflow_run_id, MLFLOW_FINAL[state])
+                self.tracking.terminate(
+                    job.mlflow_run_id, MLFLOW_FINAL[state], children=job.kind == JobKind.SWEEP
+                )
             except Exception as err:
                 log.warning("could not finish MLflow run of %s: %s", job.id, err)
         self.store.transition(job.id, state, **fields)

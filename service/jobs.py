@@ -15,9 +15,19 @@ from typing import Any
 
 from service.ray_jobs import RayJobNotFoundError, RayJobsClient
 from service.settings import Settings
-from service.store import IdempotencyConflictError, Job, JobState, JobStore, new_job_id, utcnow
+from service.store import (
+    IdempotencyConflictError,
+    Job,
+    JobKind,
+    JobState,
+    JobStore,
+    new_job_id,
+    utcnow,
+)
 from service.tracking import Tracking
 from trainer.config import TrainConfig
+from tuning.config import SweepConfig
+from tuning.report import ROLE_TAG, SWEEP_ID_TAG
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +53,9 @@ class Accepted:
     replayed: bool
 
 
-def check_data_path(config: TrainConfig, roots: list[Path]) -> TrainConfig:
+def check_data_path(
+    config: TrainConfig, roots: list[Path], loc_prefix: tuple[str, ...] = ("body", "config")
+) -> TrainConfig:
     """The config with ``data.path`` resolved (symlinks too), inside an allowed root.
 
     Raises:
@@ -52,7 +64,7 @@ def check_data_path(config: TrainConfig, roots: list[Path]) -> TrainConfig:
     path = config.data.path
     if path is None:
         return config
-    loc = ("body", "config", "data", "path")
+    loc = (*loc_prefix, "data", "path")
     try:
         resolved = path.expanduser().resolve(strict=True)
     except OSError as error:
@@ -67,30 +79,47 @@ def check_data_path(config: TrainConfig, roots: list[Path]) -> TrainConfig:
     )
 
 
+def checked(config: TrainConfig | SweepConfig, roots: list[Path]) -> TrainConfig | SweepConfig:
+    """The training config, or the sweep's base config, with its dataset path checked."""
+    if isinstance(config, TrainConfig):
+        return check_data_path(config, roots)
+    base = check_data_path(config.base, roots, ("body", "config", "base"))
+    return config.model_copy(update={"base": base})
+
+
 def submit_job(
     store: JobStore,
     tracking: Tracking,
     settings: Settings,
     *,
     owner: str,
-    config: TrainConfig,
+    config: TrainConfig | SweepConfig,
     name: str | None,
     tags: dict[str, str],
     idempotency_key: str | None,
 ) -> Accepted:
-    """Record a QUEUED job with its MLflow run, or return the job of a repeated key."""
+    """Record a QUEUED job (or sweep) with its MLflow run, or the job of a repeated key.
+
+    A sweep's run is the parent run of its trials, tagged with the sweep id (the job id).
+    """
     if idempotency_key is not None:
         existing = store.by_idempotency_key(owner, idempotency_key)
         if existing is not None:
             return Accepted(existing, replayed=True)
-    config = check_data_path(config, settings.allowed_data_roots)
+    config = checked(config, settings.allowed_data_roots)
     job_id = new_job_id()
     run_tags = {**tags, "klssl.job_id": job_id, "klssl.owner": owner}
-    run_id, experiment_id = tracking.create_run(config, job_id=job_id, tags=run_tags)
+    if isinstance(config, SweepConfig):
+        kind, run_config = JobKind.SWEEP, config.trial_base()
+        run_tags |= {SWEEP_ID_TAG: job_id, ROLE_TAG: "sweep"}
+    else:
+        kind, run_config = JobKind.TRAIN, config
+    run_id, experiment_id = tracking.create_run(run_config, job_id=job_id, tags=run_tags)
     now = utcnow()
     job = Job(
         id=job_id,
-        name=name or config.name,
+        kind=kind.value,
+        name=name or (config.sweep_name if isinstance(config, SweepConfig) else config.name),
         owner=owner,
         idempotency_key=idempotency_key,
         config=config.model_dump(mode="json"),
@@ -136,7 +165,7 @@ def cancel_job(store: JobStore, ray: RayJobsClient, tracking: Tracking, job: Job
     cancelled = store.transition(job.id, JobState.CANCELLED, error="cancelled by the user")
     if job.mlflow_run_id is not None:
         try:
-            tracking.terminate(job.mlflow_run_id, "KILLED")
+            tracking.terminate(job.mlflow_run_id, "KILLED", children=job.kind == JobKind.SWEEP)
         except Exception as error:  # the record is what counts; MLflow catches up later
             log.warning("could not close MLflow run %s: %s", job.mlflow_run_id, error)
     return cancelled

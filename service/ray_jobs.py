@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from service.settings import Settings
-from service.store import JobState
+from service.store import JobKind, JobState
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -62,7 +62,10 @@ class RayJobsClient(Protocol):
     def submit(
         self, submission_id: str, *, config_json: str, args: list[str], env: dict[str, str]
     ) -> None:
-        """Start the job (no-op when ``submission_id`` already exists)."""
+        """Start ``python ARGS`` with ``config_json`` as its config file (see `entrypoint_args`).
+
+        A no-op when ``submission_id`` already exists.
+        """
 
     def status(self, submission_id: str) -> RayJobStatus:
         """Ray's state of the job."""
@@ -74,9 +77,21 @@ class RayJobsClient(Protocol):
         """Ask Ray to stop the job."""
 
 
-def entrypoint_args(job_id: str, mlflow_run_id: str) -> list[str]:
-    """Arguments of ``trainer.run`` for one job (after the config path)."""
+def entrypoint_args(job_id: str, mlflow_run_id: str, kind: JobKind = JobKind.TRAIN) -> list[str]:
+    """The Python arguments of a job's driver: ``-m trainer.run`` or ``-m tuning.run``.
+
+    The job id names the Ray Train run (or the Tune experiment of a sweep), so a driver
+    that Ray restarts resumes the same run instead of starting another.
+    """
+    if kind is JobKind.SWEEP:
+        return [
+            "-m", "tuning.run", CONFIG_FILE,
+            "--sweep-id", job_id,
+            "--mlflow-run-id", mlflow_run_id,
+            "--output", "runs",
+        ]  # fmt: skip
     return [
+        "-m", "trainer.run", CONFIG_FILE,
         "--run-name", job_id,
         "--mlflow-run-id", mlflow_run_id,
         "--tag", f"klssl.job_id={job_id}",
@@ -154,7 +169,7 @@ class RayJobs:
     def submit(
         self, submission_id: str, *, config_json: str, args: list[str], env: dict[str, str]
     ) -> None:
-        entrypoint = shlex.join([self.python, "-m", "trainer.run", CONFIG_FILE, *args])
+        entrypoint = shlex.join([self.python, *args])
         with tempfile.TemporaryDirectory(prefix="klssl-job-") as tmp:
             (Path(tmp) / CONFIG_FILE).write_text(config_json)
             try:

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.settings import Settings
 from service.store import Job, JobState
 from trainer.config import TrainConfig
+from tuning.config import SweepConfig
+from tuning.report import TrialRecord, best_trial
 
 
 class JobCreate(BaseModel):
@@ -136,3 +138,51 @@ class Readiness(BaseModel):
 
     ready: bool
     checks: dict[str, Check]
+
+
+class SweepCreate(BaseModel):
+    """A sweep to run: a SweepConfig plus an optional display name and tags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(
+        None, min_length=1, max_length=256, description="Display name (default: config.name)."
+    )
+    config: SweepConfig = Field(description="The sweep (the SweepConfig schema).")
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="Free-form tags, also set on the parent MLflow run."
+    )
+
+
+class TrialOut(BaseModel):
+    """One trial of a sweep (a child run of the sweep's MLflow run)."""
+
+    trial_id: str = Field(description="Ray Tune's trial id.")
+    run_id: str = Field(description="The trial's MLflow run.")
+    params: dict[str, Any] = Field(description="The sampled values, by config field path.")
+    state: str = Field(description="MLflow run status: RUNNING, FINISHED, KILLED, FAILED.")
+    stop_reason: str | None = Field(None, description="collapse or asha when stopped early.")
+    metrics: dict[str, float] = Field(description="Latest value of every metric.")
+    config: dict[str, Any] = Field(description="The trial's full TrainConfig.")
+
+
+class SweepOut(JobOut):
+    """A sweep: its record (as a job) plus its trials and the best one so far."""
+
+    metric: str = Field(description="The objective the sweep optimises.")
+    mode: str = Field(description="max or min.")
+    trials: list[TrialOut] = Field(description="Every trial so far, by trial id.")
+    best_trial: TrialOut | None = Field(None, description="The best trial so far.")
+
+    @classmethod
+    def of_sweep(cls, job: Job, settings: Settings, trials: list[TrialRecord]) -> SweepOut:
+        """The response body of a sweep record and its trials."""
+        metric, mode = str(job.config["metric"]), str(job.config["mode"])
+        best = best_trial(trials, metric, mode)
+        return cls(
+            **JobOut.of(job, settings).model_dump(),
+            metric=metric,
+            mode=mode,
+            trials=[TrialOut(**record.model_dump()) for record in trials],
+            best_trial=TrialOut(**best.model_dump()) if best is not None else None,
+        )

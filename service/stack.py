@@ -94,6 +94,9 @@ class StackOptions:
     max_concurrent_jobs: int = 2
     dispatch_interval_s: float = 2.0
     api_workers: int = 1
+    # Training is batch work and the API is interactive: on a machine they share, Ray's
+    # processes run at a lower CPU priority so status reads stay fast under training.
+    ray_niceness: int = 10
     ready_timeout_s: float = 240.0
 
     def resolved(self) -> StackOptions:
@@ -336,7 +339,8 @@ class LocalStack:
             ports = info.ray_ports["head"]
             cpus = [] if options.head_cpus is None else ["--num-cpus", str(options.head_cpus)]
             args = [
-                str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+                *self._nice(), str(BIN / "ray"), "start", "--head", "--block",
+                "--disable-usage-stats",
                 "--node-ip-address", HOST, "--port", str(options.ray_port),
                 "--dashboard-host", HOST, "--dashboard-port", str(options.dashboard_port),
                 "--include-dashboard", "true", "--temp-dir", str(self.ray_temp_dir()),
@@ -346,7 +350,7 @@ class LocalStack:
         if name.startswith("ray-node-"):
             ports = info.ray_ports[name.removeprefix("ray-")]
             args = [
-                str(BIN / "ray"), "start", "--block", "--disable-usage-stats",
+                *self._nice(), str(BIN / "ray"), "start", "--block", "--disable-usage-stats",
                 "--address", info.ray_address, "--node-ip-address", HOST,
                 "--num-cpus", str(options.node_cpus), *self._ray_internal_ports(ports),
             ]  # fmt: skip
@@ -359,6 +363,10 @@ class LocalStack:
             ]  # fmt: skip
             return args, clean_env(**self.api_settings(info))
         raise StackError(f"unknown component {name!r}; the stack has {self.components}")
+
+    def _nice(self) -> list[str]:
+        niceness = self.options.ray_niceness
+        return ["nice", "-n", str(niceness)] if niceness else []
 
     @staticmethod
     def _ray_internal_ports(ports: dict[str, int]) -> list[str]:

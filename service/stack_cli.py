@@ -121,6 +121,12 @@ def up(
         typer.Option(help="Directory jobs may read datasets from (repeatable; default: cwd)."),
     ] = None,
     max_concurrent_jobs: Annotated[int, typer.Option(min=1)] = 2,
+    ray_niceness: Annotated[
+        int,
+        typer.Option(
+            min=0, max=19, help="CPU niceness of Ray (training), so the API stays responsive."
+        ),
+    ] = 10,
     foreground: Annotated[
         bool, typer.Option("--foreground", help="Stay attached; Ctrl-C stops the stack.")
     ] = False,
@@ -146,6 +152,7 @@ def up(
         mlflow_backend_uri=mlflow_backend_uri,
         data_roots=tuple(data_root or [Path.cwd()]),
         max_concurrent_jobs=max_concurrent_jobs,
+        ray_niceness=ray_niceness,
     )
     stack = LocalStack(options)
     if stack.is_running():

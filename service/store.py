@@ -51,6 +51,13 @@ class JobState(enum.StrEnum):
         return self in FINAL_STATES
 
 
+class JobKind(enum.StrEnum):
+    """What a record runs on the cluster."""
+
+    TRAIN = "train"  # python -m trainer.run: one training run
+    SWEEP = "sweep"  # python -m tuning.run: a Ray Tune sweep of training runs
+
+
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 ACTIVE_STATES = frozenset({JobState.PENDING, JobState.RUNNING})
 
@@ -77,6 +84,9 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(256))
+    kind: Mapped[str] = mapped_column(
+        String(16), index=True, default=JobKind.TRAIN.value, server_default=JobKind.TRAIN.value
+    )
     owner: Mapped[str] = mapped_column(String(128), index=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -197,10 +207,12 @@ class JobStore:
 
     def page(
         self, *, states: Sequence[JobState] = (), owner: str | None = None,
-        offset: int = 0, limit: int = 50,
+        kind: JobKind | None = None, offset: int = 0, limit: int = 50,
     ) -> Page:  # fmt: skip
-        """Jobs newest first, optionally only in ``states`` / of ``owner``."""
+        """Jobs newest first, optionally only in ``states`` / of ``owner`` / of ``kind``."""
         query = select(Job)
+        if kind is not None:
+            query = query.where(Job.kind == kind.value)
         if states:
             query = query.where(Job.state.in_([state.value for state in states]))
         if owner is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,8 @@ from trainer.config import TrainConfig
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
+
+    from tuning.report import TrialRecord
 
 CHECKPOINTS_ARTIFACT = "checkpoints/checkpoints.json"
 LATEST_CHECKPOINT_TAG = "klssl.latest_checkpoint"
@@ -103,11 +106,44 @@ class Tracking:
         """Delete a run whose job could not be recorded."""
         self.client().delete_run(run_id)
 
-    def terminate(self, run_id: str, status: str) -> None:
-        """Close a run the driver left open (cancelled or lost job)."""
+    def terminate(self, run_id: str, status: str, *, children: bool = False) -> None:
+        """Close a run the driver left open (cancelled or lost job).
+
+        With ``children``, also the open runs below it (the trials of a sweep).
+        """
+        from tuning.report import child_runs
+
         client = self.client()
-        if client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
-            client.set_terminated(run_id, status=status)
+        runs = [client.get_run(run_id), *(child_runs(client, run_id) if children else [])]
+        for run in runs:
+            if run.info.status in ("RUNNING", "SCHEDULED"):
+                client.set_terminated(run.info.run_id, status=status)
+
+    def trials(self, parent_run_id: str) -> list[TrialRecord]:
+        """The trials of a sweep (the child runs of its parent run), by trial id."""
+        from tuning.report import trials_from_mlflow
+
+        return trials_from_mlflow(self.tracking_uri, parent_run_id)
+
+    def sweep_progress(self, parent_run_id: str, metric: str, mode: str) -> Progress:
+        """A sweep's progress: its trials by state and the best value of its objective."""
+        from tuning.report import best_trial
+
+        records = self.trials(parent_run_id)
+        states = Counter(record.state for record in records)
+        metrics = {
+            "trials": float(len(records)),
+            "trials_running": float(states["RUNNING"]),
+            "trials_finished": float(states["FINISHED"]),
+            "trials_stopped_early": float(
+                sum(record.stop_reason is not None for record in records)
+            ),
+            "trials_failed": float(states["FAILED"]),
+        }
+        best = best_trial(records, metric, mode)
+        if best is not None:
+            metrics[f"best_{metric}"] = best.metrics[metric]
+        return Progress(metrics=metrics)
 
     def progress(self, run_id: str) -> Progress:
         """Latest metrics, epoch, step and newest checkpoint of a run."""

@@ -1,0 +1,129 @@
+"""The sweep routes: a sweep is a record like a job, run by ``python -m tuning.run``.
+
+Sweeps share the jobs' store, queue, auth, validation and cancellation (`service.api`);
+their trials are read from MLflow, where each trial is a child run of the sweep's run.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from service.api import (
+    IdempotencyKey,
+    accept,
+    announce,
+    cancel_owned,
+    find_job,
+    unavailable,
+)
+from service.deps import (
+    DispatcherDep,
+    Owner,
+    RayDep,
+    Reader,
+    SettingsDep,
+    StoreDep,
+    TrackingDep,
+)
+from service.schemas import JobList, JobOut, SweepCreate, SweepOut
+from service.store import Job, JobKind, JobState, JobStore
+from service.tracking import Tracking
+
+router = APIRouter(prefix="/v1", tags=["sweeps"])
+SWEEP_NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"description": "No such sweep."}}
+
+
+def find_sweep(store: JobStore, sweep_id: str) -> Job:
+    """The sweep's record, or 404 (a training job's id is not a sweep)."""
+    job = find_job(store, sweep_id)
+    if job.kind != JobKind.SWEEP:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no sweep {sweep_id!r}")
+    return job
+
+
+async def with_trials(job: Job, tracking: Tracking, settings: SettingsDep) -> SweepOut:
+    """The sweep with its trials from MLflow (503 when MLflow does not answer)."""
+    trials = []
+    if job.mlflow_run_id is not None:
+        try:
+            trials = await run_in_threadpool(tracking.trials, job.mlflow_run_id)
+        except Exception as error:
+            raise unavailable("MLflow", error) from None
+    return SweepOut.of_sweep(job, settings, trials)
+
+
+@router.post(
+    "/sweeps",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=SweepOut,
+    responses={422: {"description": "Invalid sweep: field path and reason."}},
+)
+async def create_sweep(
+    body: SweepCreate,
+    response: Response,
+    owner: Owner,
+    store: StoreDep,
+    tracking: TrackingDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+    idempotency_key: IdempotencyKey = None,
+) -> SweepOut | JSONResponse:
+    """Accept a sweep: recorded QUEUED with its parent MLflow run, then dispatched to Ray."""
+    accepted = await accept(
+        body.config, body.name, body.tags, owner, store, tracking, settings, idempotency_key
+    )
+    if isinstance(accepted, JSONResponse):
+        return accepted
+    announce(accepted, response, dispatcher, "/v1/sweeps")
+    return SweepOut.of_sweep(accepted.job, settings, [])
+
+
+@router.get("/sweeps", response_model=JobList)
+def list_sweeps(
+    _reader: Reader,
+    store: StoreDep,
+    settings: SettingsDep,
+    state: Annotated[list[JobState] | None, Query(description="Only these states.")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> JobList:
+    """Sweeps newest first (their progress counts trials), optionally filtered by state."""
+    page = store.page(states=state or [], kind=JobKind.SWEEP, offset=offset, limit=limit)
+    return JobList(
+        items=[JobOut.of(job, settings) for job in page.items],
+        total=page.total,
+        offset=offset,
+        limit=limit,
+    )
+
+
+@router.get("/sweeps/{sweep_id}", response_model=SweepOut, responses=SWEEP_NOT_FOUND)
+async def get_sweep(
+    sweep_id: str, _reader: Reader, store: StoreDep, tracking: TrackingDep, settings: SettingsDep
+) -> SweepOut:
+    """A sweep's state and its trials: configs, metrics, states and the best trial."""
+    job = await run_in_threadpool(find_sweep, store, sweep_id)
+    return await with_trials(job, tracking, settings)
+
+
+@router.post(
+    "/sweeps/{sweep_id}/cancel",
+    response_model=SweepOut,
+    responses={**SWEEP_NOT_FOUND, 403: {"description": "Another owner's sweep."}, 409: {}},
+)
+async def cancel_sweep(
+    sweep_id: str,
+    owner: Owner,
+    store: StoreDep,
+    ray: RayDep,
+    tracking: TrackingDep,
+    settings: SettingsDep,
+) -> SweepOut:
+    """Cancel a sweep: its Ray job stops, and with it every running trial; 409 when ended."""
+    job = await run_in_threadpool(find_sweep, store, sweep_id)
+    cancelled = await run_in_threadpool(cancel_owned, job, owner, store, ray, tracking)
+    return await with_trials(cancelled, tracking, settings)

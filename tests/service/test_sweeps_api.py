@@ -1,0 +1,142 @@
+"""Sweep routes, with a fake Ray cluster and a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.deps import Services
+from service.store import JobState
+from tests.factories import tiny_config
+from tests.service.conftest import ALICE, BOB, FakeRay, job_body
+
+
+def sweep_body(name: str = "svc-sweep", **changes: Any) -> dict[str, Any]:
+    """A request body: a tiny digits base and a 2-parameter space."""
+    config: dict[str, Any] = {
+        "base": tiny_config(name).model_dump(mode="json"),
+        "space": {
+            "objective.teacher_temp": {"type": "uniform", "low": 0.03, "high": 0.07},
+            "objective.prior_momentum": {"type": "choice", "values": [0.9, 0.99]},
+        },
+        "num_samples": 4,
+    }
+    config.update(changes)
+    return {"config": config}
+
+
+def test_a_sweep_is_recorded_with_a_parent_run_and_submitted_as_tuning_run(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    response = client.post("/v1/sweeps", json=sweep_body("svc-sweep-ok"), headers=ALICE)
+    assert response.status_code == 202, response.text
+    sweep = response.json()
+    assert response.headers["Location"] == f"/v1/sweeps/{sweep['id']}"
+    assert sweep["state"] == "QUEUED" and sweep["trials"] == [] and sweep["best_trial"] is None
+    assert (sweep["metric"], sweep["mode"]) == ("knn_top1", "max")  # digits have labels
+    run = services.tracking.client().get_run(sweep["mlflow_run_id"])
+    assert run.data.tags["klssl.role"] == "sweep"
+    assert run.data.tags["klssl.sweep_id"] == sweep["id"]
+
+    services.dispatcher.run_once()
+    (submitted,) = fake_ray.submissions
+    args = submitted["args"]
+    assert args[:3] == ["-m", "tuning.run", "config.json"]
+    assert args[args.index("--sweep-id") + 1] == sweep["id"]
+    assert args[args.index("--mlflow-run-id") + 1] == sweep["mlflow_run_id"]
+
+    listed = client.get("/v1/sweeps", headers=ALICE).json()
+    assert [item["id"] for item in listed["items"]] == [sweep["id"]]
+    jobs = client.get("/v1/jobs", headers=ALICE).json()
+    assert sweep["id"] not in [item["id"] for item in jobs["items"]]
+    shown = client.get(f"/v1/sweeps/{sweep['id']}", headers=ALICE).json()
+    assert shown["state"] == "PENDING" and shown["trials"] == []
+
+
+def test_a_training_job_is_not_a_sweep(client: TestClient) -> None:
+    job = client.post("/v1/jobs", json=job_body("svc-not-sweep"), headers=ALICE).json()
+    assert client.get(f"/v1/sweeps/{job['id']}", headers=ALICE).status_code == 404
+    assert client.get("/v1/sweeps/job-unknown", headers=ALICE).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("changes", "location", "reason"),
+    [
+        (
+            {"space": {"objective.teacher_tmp": {"type": "uniform", "low": 0.03, "high": 0.07}}},
+            "space.objective.teacher_tmp",
+            "objective.teacher_temp",  # the close name is suggested
+        ),
+        (
+            {"space": {"objective.teacher_temp": {"type": "uniform", "low": -0.1, "high": 0.07}}},
+            "space.objective.teacher_temp",
+            "greater than 0",
+        ),
+        (
+            {"space": {"objective.teacher_temp": {"type": "uniform", "low": 0.07, "high": 0.03}}},
+            "space.objective.teacher_temp",
+            "low",
+        ),
+        ({"space": {}}, "space", "empty"),
+    ],
+    ids=["unknown-field", "negative-range", "reversed-range", "empty-space"],
+)
+def test_an_invalid_sweep_is_a_422_and_creates_nothing(
+    client: TestClient,
+    services: Services,
+    fake_ray: FakeRay,
+    changes: dict[str, Any],
+    location: str,
+    reason: str,
+) -> None:
+    body = sweep_body("svc-sweep-bad", **changes)
+    response = client.post("/v1/sweeps", json=body, headers=ALICE)
+    assert response.status_code == 422, response.text
+    details = response.json()["detail"]
+    found = [
+        item
+        for item in details
+        if ".".join(str(part) for part in item["loc"][2:] if part not in ("uniform",)) == location
+    ]
+    assert found, details
+    assert reason in found[0]["msg"], found[0]
+    assert client.get("/v1/sweeps", headers=ALICE).json()["total"] == 0
+    assert services.tracking.client().get_experiment_by_name("svc-sweep-bad") is None
+    services.dispatcher.run_once()
+    assert fake_ray.submissions == []
+
+
+def test_a_sweep_path_outside_the_data_roots_is_a_422(client: TestClient, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    body = sweep_body("svc-sweep-path")
+    body["config"]["base"]["data"].update(kind="imagefolder", path=str(outside))
+    response = client.post("/v1/sweeps", json=body, headers=ALICE)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "config", "base", "data", "path"]
+
+
+def test_cancelling_a_sweep_stops_its_ray_job_and_closes_its_runs(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    sweep = client.post("/v1/sweeps", json=sweep_body("svc-sweep-cancel"), headers=ALICE).json()
+    services.dispatcher.run_once()
+    fake_ray.set(f"klssl-{sweep['id']}", JobState.RUNNING)
+    services.dispatcher.run_once()
+    mlflow = services.tracking.client()
+    child = mlflow.create_run(
+        mlflow.get_run(sweep["mlflow_run_id"]).info.experiment_id,
+        tags={"mlflow.parentRunId": sweep["mlflow_run_id"], "klssl.trial_id": "t1"},
+    )
+    assert client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=BOB).status_code == 403
+    cancelled = client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=ALICE)
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["state"] == "CANCELLED"
+    assert [trial["trial_id"] for trial in cancelled.json()["trials"]] == ["t1"]
+    assert fake_ray.stopped == [f"klssl-{sweep['id']}"]
+    assert mlflow.get_run(sweep["mlflow_run_id"]).info.status == "KILLED"
+    assert mlflow.get_run(child.info.run_id).info.status == "KILLED"
+    assert client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=ALICE).status_code == 409
