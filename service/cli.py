@@ -1,4 +1,4 @@
-"""``klssl submit | status | logs | cancel | list``: the service's REST API from a shell.
+"""``klssl submit | status | logs | cancel | list | sweep``: the REST API from a shell.
 
 The service URL and token come from ``--url`` / ``--token`` or ``KLSSL_API_URL`` /
 ``KLSSL_API_TOKEN``; without them, from the local stack that ``klssl up`` started
@@ -19,7 +19,9 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from service.stack import read_stack_info
 from trainer.config import ConfigError, apply_overrides, read_config_file
@@ -228,6 +230,88 @@ def list_jobs(
     console.print(f"{len(page['items'])} of {page['total']} job(s)")
 
 
+def trials_table(sweep: dict[str, Any]) -> Table:
+    """The trials of a sweep: sampled values, state, epochs and the objective, best marked."""
+    metric = sweep["metric"]
+    paths = list(sweep["config"]["space"])
+    best = (sweep["best_trial"] or {}).get("trial_id")
+    table = Table(title=f"{sweep['id']}  {sweep['state']}  ({metric}, {sweep['mode']})")
+    for column in ("trial", *(path.rsplit(".", 1)[-1] for path in paths), "state", "epoch"):
+        table.add_column(column)
+    table.add_column(metric, justify="right")
+    for trial in sweep["trials"]:
+        state = trial["state"] + (f" ({trial['stop_reason']})" if trial["stop_reason"] else "")
+        values = [f"{trial['params'].get(path, '')!s:.6}" for path in paths]
+        epoch = trial["metrics"].get("epoch")
+        objective = trial["metrics"].get(metric)
+        table.add_row(
+            ("* " if trial["trial_id"] == best else "") + trial["trial_id"],
+            *values,
+            state,
+            "" if epoch is None else f"{epoch:.0f}",
+            "" if objective is None else f"{objective:.4g}",
+        )
+    return table
+
+
+def follow_sweep(http: httpx.Client, sweep_id: str, poll_s: float = 3.0) -> dict[str, Any]:
+    """A live table of the sweep's trials until the sweep ends."""
+    sweep: dict[str, Any] = check(http.get(f"/v1/sweeps/{sweep_id}"))
+    with Live(trials_table(sweep), console=console, refresh_per_second=1) as live:
+        while sweep["state"] not in FINAL:
+            time.sleep(poll_s)
+            sweep = check(http.get(f"/v1/sweeps/{sweep_id}"))
+            live.update(trials_table(sweep))
+    return sweep
+
+
+def sweep(
+    sweep_path: Annotated[Path, typer.Argument(help="Sweep config, YAML or JSON.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a base config field: --set schedule.epochs=2."),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Display name of the sweep.")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Retry-safe key: the same key returns the same sweep.")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Show a live table of trials until it ends.")
+    ] = False,
+    url: Url = None,
+    token: Token = None,
+) -> None:
+    """Submit SWEEP (a base config and a search space) to the service; it is validated there."""
+    try:
+        raw = read_config_file(sweep_path)
+        if overrides:
+            raw["base"] = apply_overrides(raw.get("base") or {}, overrides)
+    except ConfigError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(2) from None
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    body: dict[str, Any] = {"config": raw}
+    if name:
+        body["name"] = name
+    with client(url, token) as http:
+        created = check(http.post("/v1/sweeps", json=body, headers=headers))
+        typer.echo(created["id"])
+        if not follow:
+            return
+        final = follow_sweep(http, created["id"])
+    best = final["best_trial"]
+    if best is not None:
+        values = ", ".join(f"{key}={value}" for key, value in best["params"].items())
+        typer.echo(
+            f"best trial {best['trial_id']}: {final['metric']} "
+            f"{best['metrics'][final['metric']]:.4g} ({values})"
+        )
+        typer.echo(f"MLflow: {final['mlflow_run_url']}")
+    if final["state"] != "SUCCEEDED":
+        console.print(f"[red]{final['state']}: {final['error']}[/]")
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     """Add the service commands to the ``klssl`` app."""
     app.command()(submit)
@@ -235,3 +319,4 @@ def register(app: typer.Typer) -> None:
     app.command()(logs)
     app.command()(cancel)
     app.command("list")(list_jobs)
+    app.command()(sweep)

@@ -8,7 +8,10 @@ again mid-job. Every process is stopped by its pid (and process group), never by
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -244,3 +247,94 @@ def test_a_ray_head_restart_fails_its_jobs_and_queues_new_ones_until_ray_returns
         http.post(f"/v1/jobs/{job_id}/cancel")
     run = MlflowClient(stack.mlflow_url).get_run(lost.json()["mlflow_run_id"])
     assert run.info.status == "FAILED"
+
+
+def sweep_config(name: str, epochs: int, samples: int) -> dict[str, Any]:
+    """A grid-free random sweep of the tiny digits run over the teacher temperature."""
+    return {
+        "base": tiny_config(name, epochs=epochs),
+        "space": {
+            "objective.teacher_temp": {"type": "uniform", "low": 0.03, "high": 0.07},
+            "objective.prior_momentum": {"type": "choice", "values": [0.9, 0.99]},
+        },
+        "num_samples": samples,
+        "seed": 0,
+        "asha": {"enabled": True, "grace_period": 1, "reduction_factor": 2},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+    }
+
+
+def klssl(stack: Stack, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """The ``klssl`` CLI against the stack's API."""
+    command = [str(Path(sys.executable).parent / "klssl"), *args]
+    command += ["--url", stack.api_url, "--token", stack.info.api_token]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_sweep_from_the_cli_records_every_trial_and_the_best(stack: Stack) -> None:
+    path = stack.base / "sweep.json"
+    path.write_text(json.dumps(sweep_config("e2e-sweep", epochs=1, samples=2)))
+    done = klssl(stack, "sweep", str(path), "--follow")
+    assert done.returncode == 0, done.stdout + done.stderr
+    sweep_id = done.stdout.splitlines()[0]
+    assert "best trial" in done.stdout
+    with api(stack) as http:
+        sweep = http.get(f"/v1/sweeps/{sweep_id}").json()
+    assert sweep["state"] == "SUCCEEDED", sweep
+    trials = sweep["trials"]
+    assert len(trials) == 2 and all(trial["state"] == "FINISHED" for trial in trials)
+    best = max(trials, key=lambda trial: trial["metrics"]["knn_top1"])
+    assert sweep["best_trial"]["trial_id"] == best["trial_id"]
+    mlflow = MlflowClient(stack.mlflow_url)
+    for trial in trials:
+        run = mlflow.get_run(trial["run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == sweep["mlflow_run_id"]
+        assert float(run.data.params["objective.teacher_temp"]) == pytest.approx(
+            trial["params"]["objective.teacher_temp"]
+        )
+    parent = mlflow.list_artifacts(sweep["mlflow_run_id"], "report")
+    assert "report/trials.json" in [artifact.path for artifact in parent]
+
+    bad = sweep_config("e2e-sweep-bad", epochs=1, samples=2)
+    bad["space"]["objective.teacher_tmp"] = bad["space"].pop("objective.teacher_temp")
+    path.write_text(json.dumps(bad))
+    refused = klssl(stack, "sweep", str(path))
+    assert refused.returncode == 2
+    assert "space.objective.teacher_tmp" in refused.stderr and "teacher_temp" in refused.stderr
+
+
+def test_cancelling_a_sweep_stops_its_trials_in_ray(stack: Stack) -> None:
+    with api(stack) as http:
+        body = {"config": sweep_config("e2e-sweep-cancel", epochs=200, samples=2)}
+        sweep_id = http.post("/v1/sweeps", json=body).json()["id"]
+
+        def trial_running() -> bool:
+            trials = http.get(f"/v1/sweeps/{sweep_id}").json()["trials"]
+            return any(
+                trial["state"] == "RUNNING" and "loss" in trial["metrics"] for trial in trials
+            )
+
+        wait_for("a running trial", trial_running, timeout=180, every=2.0)
+        cancelled = http.post(f"/v1/sweeps/{sweep_id}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["state"] == "CANCELLED"
+    ray = stack.ray_client()
+    wait_for(
+        "Ray to stop the sweep",
+        lambda: ray.get_job_status(f"klssl-{sweep_id}").value == "STOPPED",
+        timeout=60,
+    )
+    headers = {"Authorization": f"Bearer {stack.info.ray_token}"}
+
+    def no_training_workers() -> bool:
+        actors = httpx.get(
+            f"{stack.info.dashboard_url}/api/v0/actors?limit=10000&detail=1", headers=headers
+        ).json()["data"]["result"]["result"]
+        return not [
+            a for a in actors if "RayTrainWorker" in a["class_name"] and a["state"] == "ALIVE"
+        ]
+
+    wait_for("the trials' workers to stop", no_training_workers, timeout=60)
+    mlflow = MlflowClient(stack.mlflow_url)
+    with api(stack) as http:
+        trials = http.get(f"/v1/sweeps/{sweep_id}").json()["trials"]
+    assert trials and all(mlflow.get_run(t["run_id"]).info.status != "RUNNING" for t in trials)
