@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test lint run bench clean
+.PHONY: install test lint run bench docs clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ run: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/objective.py
 	$(BIN)/python benchmarks/augmentation.py
+
+docs: $(INSTALLED)  # the README's configuration reference, from the pydantic models
+	$(BIN)/python -m service.reference --write README.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
