@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,3 +97,25 @@ def _mentions(pid: str, state_dir: Path) -> bool:
     except OSError:
         return False
     return str(state_dir) in command and is_alive(int(pid))
+
+
+def test_ctrl_c_on_a_foreground_up_stops_the_stack(state_dir: Path) -> None:
+    ports = ("--api-port", "--mlflow-port", "--dashboard-port", "--ray-port")
+    args = [KLSSL, "up", "--state-dir", str(state_dir), "--foreground", "--cpus", "1"]
+    args += [part for flag in ports for part in (flag, str(free_port()))]
+    up = subprocess.Popen(args, cwd=REPO, env=clean_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        assert up.stderr is not None
+        for line in up.stderr:  # the stack is up once `up` says it waits for Ctrl-C
+            if "Ctrl-C stops the stack" in line:
+                break
+        stack = LocalStack(StackOptions(state_dir=state_dir))
+        assert stack.is_running()
+        records = [stack.record(name) for name in stack.running()]
+        tree = [pid for r in records if r for pid in (r.pid, *descendants(r.pid))]
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=120) == 0
+    finally:
+        up.kill()
+    assert not [pid for pid in tree if is_alive(pid)]
+    assert not stack.running()
