@@ -51,7 +51,6 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.processes import free_port
 from service.stack import LocalStack, StackInfo, StackOptions
 from trainer.config import apply_overrides, read_config_file, validate_config
 
@@ -85,12 +84,8 @@ class Stack:
 
     def __init__(self, base: Path, max_concurrent: int, dispatch_interval_s: float) -> None:
         self.local = LocalStack(
-            StackOptions(
-                state_dir=base / "state",
-                api_port=free_port(),
-                mlflow_port=free_port(),
-                dashboard_port=free_port(),
-                ray_port=free_port(),
+            StackOptions.on_free_ports(
+                base / "state",
                 head_cpus=2,
                 max_concurrent_jobs=max_concurrent,
                 dispatch_interval_s=dispatch_interval_s,

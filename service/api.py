@@ -143,7 +143,19 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobList:
     """Training jobs newest first, optionally filtered by state (sweeps: ``/v1/sweeps``)."""
-    page = store.page(states=state or [], kind=JobKind.TRAIN, offset=offset, limit=limit)
+    return list_page(store, settings, JobKind.TRAIN, state, offset, limit)
+
+
+def list_page(
+    store: JobStore,
+    settings: Settings,
+    kind: JobKind,
+    states: list[JobState] | None,
+    offset: int,
+    limit: int,
+) -> JobList:
+    """One page of the records of ``kind``, newest first."""
+    page = store.page(states=states or [], kind=kind, offset=offset, limit=limit)
     return JobList(
         items=[JobOut.of(job, settings) for job in page.items],
         total=page.total,

@@ -123,6 +123,36 @@ def follow_job(http: httpx.Client, job_id: str, poll_s: float = 2.0) -> dict[str
             job = check(http.get(f"/v1/jobs/{job_id}"))
 
 
+def create(
+    http: httpx.Client,
+    route: str,
+    path: Path,
+    overrides: list[str] | None,
+    overridden: str | None,
+    name: str | None,
+    idempotency_key: str | None,
+) -> dict[str, Any]:
+    """POST the config file at ``path`` (with ``--set`` overrides) to ``route``.
+
+    Args:
+        overridden: the key of the config the overrides apply to (a sweep's ``base``), or
+            None for the config itself.
+    """
+    try:
+        raw = read_config_file(path)
+        if overrides and overridden is None:
+            raw = apply_overrides(raw, overrides)
+        elif overrides and overridden is not None:
+            raw[overridden] = apply_overrides(raw.get(overridden) or {}, overrides)
+    except ConfigError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(2) from None
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    body: dict[str, Any] = {"config": raw} | ({"name": name} if name else {})
+    created: dict[str, Any] = check(http.post(route, json=body, headers=headers))
+    return created
+
+
 def submit(
     config_path: Annotated[Path, typer.Argument(help="Training config, YAML or JSON.")],
     overrides: Annotated[
@@ -138,17 +168,8 @@ def submit(
     token: Token = None,
 ) -> None:
     """Submit CONFIG as a job to the service (it is validated there)."""
-    try:
-        raw = apply_overrides(read_config_file(config_path), overrides or [])
-    except ConfigError as error:
-        console.print(f"[red]{error}[/]")
-        raise typer.Exit(2) from None
-    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    body: dict[str, Any] = {"config": raw}
-    if name:
-        body["name"] = name
     with client(url, token) as http:
-        job = check(http.post("/v1/jobs", json=body, headers=headers))
+        job = create(http, "/v1/jobs", config_path, overrides, None, name, idempotency_key)
         typer.echo(job["id"])
         if follow:
             job = follow_job(http, job["id"])
@@ -282,19 +303,8 @@ def sweep(
     token: Token = None,
 ) -> None:
     """Submit SWEEP (a base config and a search space) to the service; it is validated there."""
-    try:
-        raw = read_config_file(sweep_path)
-        if overrides:
-            raw["base"] = apply_overrides(raw.get("base") or {}, overrides)
-    except ConfigError as error:
-        console.print(f"[red]{error}[/]")
-        raise typer.Exit(2) from None
-    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    body: dict[str, Any] = {"config": raw}
-    if name:
-        body["name"] = name
     with client(url, token) as http:
-        created = check(http.post("/v1/sweeps", json=body, headers=headers))
+        created = create(http, "/v1/sweeps", sweep_path, overrides, "base", name, idempotency_key)
         typer.echo(created["id"])
         if not follow:
             return

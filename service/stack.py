@@ -99,6 +99,12 @@ class StackOptions:
     ray_niceness: int = 10
     ready_timeout_s: float = 240.0
 
+    @classmethod
+    def on_free_ports(cls, state_dir: Path, **options: Any) -> StackOptions:
+        """Options whose public ports are free ones (tests, benchmarks, several stacks)."""
+        ports = {key: free_port() for key in PORT_OPTIONS}
+        return cls(state_dir=state_dir, **{**ports, **options})
+
     def resolved(self) -> StackOptions:
         """The options with an absolute state dir (the processes run inside it)."""
         return StackOptions(**{**asdict(self), "state_dir": self.state_dir.expanduser().resolve()})

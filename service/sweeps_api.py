@@ -18,6 +18,7 @@ from service.api import (
     announce,
     cancel_owned,
     find_job,
+    list_page,
     unavailable,
 )
 from service.deps import (
@@ -29,7 +30,7 @@ from service.deps import (
     StoreDep,
     TrackingDep,
 )
-from service.schemas import JobList, JobOut, SweepCreate, SweepOut
+from service.schemas import JobList, SweepCreate, SweepOut
 from service.store import Job, JobKind, JobState, JobStore
 from service.tracking import Tracking
 
@@ -92,13 +93,7 @@ def list_sweeps(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobList:
     """Sweeps newest first (their progress counts trials), optionally filtered by state."""
-    page = store.page(states=state or [], kind=JobKind.SWEEP, offset=offset, limit=limit)
-    return JobList(
-        items=[JobOut.of(job, settings) for job in page.items],
-        total=page.total,
-        offset=offset,
-        limit=limit,
-    )
+    return list_page(store, settings, JobKind.SWEEP, state, offset, limit)
 
 
 @router.get("/sweeps/{sweep_id}", response_model=SweepOut, responses=SWEEP_NOT_FOUND)

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.processes import free_port, wait_for
+from service.processes import wait_for
 from service.stack import LocalStack, StackInfo, StackOptions
 from tests.e2e.postgres import Postgres, postgres_server
 from tests.e2e.test_service_e2e import tiny_config
@@ -32,12 +32,8 @@ def cluster() -> Iterator[tuple[StackInfo, Postgres, Path]]:
     base = Path(tempfile.mkdtemp(prefix="klssl-mn-", dir="/tmp"))
     try:
         with postgres_server(base, databases=("klssl", "mlflow")) as postgres:
-            options = StackOptions(
-                state_dir=base / "state",
-                api_port=free_port(),
-                mlflow_port=free_port(),
-                dashboard_port=free_port(),
-                ray_port=free_port(),
+            options = StackOptions.on_free_ports(
+                base / "state",
                 head_cpus=1,
                 extra_nodes=1,
                 node_cpus=1,

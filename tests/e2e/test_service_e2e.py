@@ -23,7 +23,7 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.processes import free_port, wait_for
+from service.processes import wait_for
 from service.stack import API, HEAD, LocalStack, StackInfo, StackOptions
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -85,12 +85,8 @@ def stack() -> Iterator[Stack]:
     base = Path(tempfile.mkdtemp(prefix="klssl-e2e-", dir="/tmp"))  # short: Ray's sockets
     data_root = base / "data"
     (data_root / "images" / "a").mkdir(parents=True)
-    options = StackOptions(
-        state_dir=base / "state",
-        api_port=free_port(),
-        mlflow_port=free_port(),
-        dashboard_port=free_port(),
-        ray_port=free_port(),
+    options = StackOptions.on_free_ports(
+        base / "state",
         head_cpus=2,
         data_roots=(data_root,),
         max_concurrent_jobs=2,
