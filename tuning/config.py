@@ -179,8 +179,8 @@ class SweepConfig(_Strict):
     num_samples: int | None = Field(
         None,
         ge=1,
-        description="Trials to sample (random, optuna; default 8); for grid, repetitions "
-        "of the whole grid (default 1).",
+        description="Trials to sample (random, optuna; default 8); for grid search or a "
+        "space of grids only, repetitions of the whole grid (default 1).",
     )
     metric: str | None = Field(
         None,
@@ -210,7 +210,8 @@ class SweepConfig(_Strict):
     def _resolve_and_check(self) -> Self:
         """Fill the derived defaults, then check the space against the base config."""
         self.name = self.name or self.base.name
-        self.num_samples = self.num_samples or (1 if self.search == "grid" else 8)
+        only_grids = all(isinstance(d, Grid) for d in self.space.values())
+        self.num_samples = self.num_samples or (1 if self.search == "grid" or only_grids else 8)
         self.resources.workers_per_trial = (
             self.resources.workers_per_trial or self.base.runtime.num_workers
         )
@@ -412,9 +413,9 @@ def space_problems(
                 ends = ", ".join(f"{end:g}" for end in fractional)
                 problems.append((path, f"an integer field needs whole endpoints, got {ends}", path))
                 continue
-        for value in distribution.endpoints():
+        for value in (_as_field_value(path, end) for end in distribution.endpoints()):
             try:
-                apply_sample(base, {path: _as_field_value(path, value)})
+                apply_sample(base, {path: value})
             except ConfigError as error:
                 reasons = "; ".join(p.removeprefix(f"{path}: ") for p in error.problems)
                 label = "value" if isinstance(distribution, Choice) else "endpoint"

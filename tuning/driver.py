@@ -84,6 +84,8 @@ if TYPE_CHECKING:
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 """Ray ``memory`` (bytes) reserved by a trial's driver function, which takes no CPU."""
 SWEEP_FILE = "sweep.json"
+STOPPED_AT_TAG = "klssl.stopped_at_epoch"
+DONE_TAG = "klssl.done"
 TRAIN_RUN_PREFIX = "train_"
 
 
@@ -143,14 +145,18 @@ def sampled_values(sweep_paths: list[str], config: Mapping[str, Any]) -> dict[st
     return sample
 
 
-def searcher(sweep: SweepConfig) -> SearchAlgorithm | Searcher:
-    """The search algorithm: random or grid variants, or Optuna's TPE."""
+def searcher(sweep: SweepConfig, concurrency: int) -> SearchAlgorithm | Searcher:
+    """The search algorithm (random or grid variants, or Optuna's TPE), at most
+    ``concurrency`` trials at once (Tune ignores ``max_concurrent_trials`` for a given
+    variant generator, so the limit is set here)."""
     if sweep.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
         metric, mode = sweep.objective
-        return OptunaSearch(metric=metric, mode=mode, seed=sweep.seed)
-    return BasicVariantGenerator(random_state=sweep.seed)
+        optuna = OptunaSearch(metric=metric, mode=mode, seed=sweep.seed)
+        return ConcurrencyLimiter(optuna, max_concurrent=concurrency)
+    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrency)
 
 
 def scheduler(sweep: SweepConfig) -> TrialScheduler:
@@ -251,6 +257,8 @@ def trial_main(
     child run is found again by its tags.
     """
     trial_id = ray.tune.get_context().get_trial_id()
+    if replay_ended_trial(context, trial_id):
+        return
     sample = sampled_values(context.sweep_paths, config)
     trial_config = apply_sample(context.base(), sample)
     fs_path = context.storage_path
@@ -280,7 +288,9 @@ def trial_main(
     )
     try:
         result = trainer.fit()
-    except BaseException as error:
+    except launch.TrainingFailedError as error:
+        # Training itself failed. Anything else (the trial stopped by Tune, the sweep
+        # interrupted) leaves the run to the driver's tracker or to a resumed attempt.
         set_tags(tracked, {"klssl.error": f"{type(error).__name__}: {error}"[:5000]})
         finish_run(tracked, "FAILED")
         raise
@@ -293,7 +303,32 @@ def trial_main(
         for checkpoint, metrics in (result.best_checkpoints or [])
     ]
     log_checkpoint_uris(tracked, sorted(checkpoints, key=lambda record: int(record["step"])))
+    set_tags(tracked, {DONE_TAG: "true"})
     finish_run(tracked, "FINISHED")
+
+
+def replay_ended_trial(context: TrialContext, trial_id: str) -> bool:
+    """Report the outcome of a trial that already ended, instead of running it again.
+
+    Tune's experiment state is saved every few seconds, so a sweep resumed after an
+    interruption can restart a trial that had in fact finished (``klssl.done``) or been
+    stopped (``klssl.stopped``) just before. Such a trial reports its last metrics once
+    and returns: nothing is trained or logged twice.
+
+    Returns:
+        Whether the trial had ended (and was replayed).
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=context.tracking_uri)
+    run_id = find_child_run(client, context.experiment_id, context.sweep_id, trial_id)
+    if run_id is None:
+        return False
+    run = client.get_run(run_id)
+    if DONE_TAG not in run.data.tags and STOPPED_TAG not in run.data.tags:
+        return False
+    ray.tune.report(dict(run.data.metrics))
+    return True
 
 
 # ------------------------------------------------------------- driver callback
@@ -338,23 +373,24 @@ class SweepTracker(ray.tune.Callback):
         if epoch >= self.max_epochs:
             return  # it ran to the end and closes its own run
         tracked = self._run_of(trial.trial_id)
-        if tracked is None:
-            return
+        if tracked is None or not self._running(tracked):
+            return  # a replayed trial that had ended before
         reason = (
             "collapse"
             if self.history.enabled and self.history.collapsed(trial.trial_id)
             else "asha"
         )
-        set_tags(tracked, {STOPPED_TAG: reason, "klssl.stopped_at_epoch": f"{epoch:g}"})
+        set_tags(tracked, {STOPPED_TAG: reason, STOPPED_AT_TAG: f"{epoch:g}"})
         finish_run(tracked, "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         tracked = self._run_of(trial.trial_id)
-        if tracked is not None and self._client().get_run(tracked.run_id).info.status in (
-            "RUNNING",
-            "SCHEDULED",
-        ):
+        if tracked is not None and self._running(tracked):
             finish_run(tracked, "FAILED")
+
+    def _running(self, tracked: TrackedRun) -> bool:
+        status = self._client().get_run(tracked.run_id).info.status
+        return str(status) in ("RUNNING", "SCHEDULED")
 
     def get_state(self) -> dict[str, Any]:
         return {"reports": self.history.reports, "last_epoch": self.last_epoch}
@@ -552,10 +588,9 @@ def run_sweep(
             tune_config=ray.tune.TuneConfig(
                 metric=metric,
                 mode=mode,
-                search_alg=searcher(sweep),
+                search_alg=searcher(sweep, concurrency),
                 scheduler=scheduler(sweep),
                 num_samples=sweep.samples,
-                max_concurrent_trials=concurrency,
             ),
             run_config=ray.tune.RunConfig(
                 name=sweep_id,
@@ -573,9 +608,11 @@ def run_sweep(
     except BaseException:
         finish_run(parent, "FAILED")
         raise
-    done = grid.num_terminated + grid.num_errors
-    interrupted = done < len(grid) or len(grid) < expected_trials(sweep)
     records = trials_from_mlflow(tracking_uri, parent.run_id)
+    # Tune counts the trials it stopped on an interruption as ended; their runs are not.
+    unfinished = any(record.state == "RUNNING" for record in records)
+    done = grid.num_terminated + grid.num_errors
+    interrupted = unfinished or done < len(grid) or len(grid) < expected_trials(sweep)
     best = best_trial(records, metric, mode)
     mark_best(parent, records, best, metric)
     log_report(
