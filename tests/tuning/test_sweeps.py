@@ -27,7 +27,7 @@ import trainer.launch  # noqa: F401  (prepares Ray's environment before ray load
 import ray
 
 from tests import factories
-from tuning.config import validate_sweep
+from tuning.config import optuna_available, validate_sweep
 from tuning.driver import run_sweep
 from tuning.report import trials_from_mlflow
 
@@ -270,3 +270,38 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(
         assert steps == sorted(set(steps))
     experiment_dir = tmp_path / "ray" / "r1"
     assert len(list(experiment_dir.glob("train_*"))) == 3
+
+
+@pytest.mark.skipif(not optuna_available(), reason="optuna (the 'tune' extra) is not installed")
+def test_an_optuna_sweep_on_a_label_free_objective(cluster: Any, tmp_path: Path) -> None:
+    sweep = validate_sweep(
+        {
+            "base": base_config("optuna-test"),
+            "space": {
+                "objective.teacher_temp": {"type": "loguniform", "low": 0.03, "high": 0.1},
+                "objective.mode": {"type": "choice", "values": ["prior", "center"]},
+            },
+            "search": "optuna",
+            "seed": 0,
+            "num_samples": 2,
+            "metric": "mutual_info",
+            "asha": {"enabled": False},
+        }
+    )
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_sweep(
+        sweep, tracking_uri=tracking_uri, storage_path=str(tmp_path / "ray"), sweep_id="o1"
+    )
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.search"] == "optuna"
+    assert len(result.trials) == 2
+    for trial in result.trials:
+        assert trial.state == "FINISHED"
+        assert 0.03 <= trial.params["objective.teacher_temp"] <= 0.1
+        assert trial.params["objective.mode"] in ("prior", "center")
+    assert result.best is not None
+    assert result.best.metrics["mutual_info"] == max(
+        trial.metrics["mutual_info"] for trial in result.trials
+    )
