@@ -20,7 +20,8 @@ end the best trial is tagged on the parent (``klssl.best_trial_id``, ``klssl.bes
 A sweep is resumable: its Tune experiment lives in ``<storage>/<sweep_id>`` and every
 trial's Ray Train run in ``<storage>/<sweep_id>/train_<trial_id>``; running the same
 sweep id again restores the experiment, keeps the finished trials and continues the
-others from their newest checkpoints, logging into the same MLflow runs.
+others from their newest checkpoints, logging into the same MLflow runs. Tune's console
+output follows ``KLSSL_TUNE_VERBOSE`` (0 silent to 3 detailed; default 1).
 """
 
 from __future__ import annotations
