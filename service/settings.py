@@ -54,9 +54,11 @@ class Settings(BaseSettings):
         None, description="The cluster's token when Ray runs with RAY_AUTH_MODE=token."
     )
     pass_ray_token_to_jobs: bool = Field(
-        True,
-        description="Give jobs RAY_AUTH_TOKEN so their driver can join the cluster (it is "
-        "then visible in the job's runtime_env on the Ray dashboard).",
+        False,
+        description="Also give jobs RAY_AUTH_TOKEN in their runtime env (then visible on the "
+        "Ray dashboard). Not needed when the Ray nodes have the token in their environment, "
+        "as `klssl up`, the compose file and the Kubernetes manifests arrange: job drivers "
+        "inherit it.",
     )
     mlflow_tracking_uri: str = Field(
         "http://127.0.0.1:5000", description="MLflow tracking server the jobs log into."

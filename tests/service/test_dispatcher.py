@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from service.deps import Services
 from service.dispatcher import LOST_BY_RAY, submission_id
+from service.ray_jobs import job_environment
+from service.settings import Settings
 from service.store import JobState
 from tests.service.conftest import ALICE, FakeRay, job_body
 
@@ -150,3 +153,10 @@ def test_a_resubmission_after_a_crash_makes_no_second_ray_job(
     services.dispatcher.run_once()
     assert len(fake_ray.submissions) == 1
     assert states(services, ids) == ["PENDING"]
+
+
+def test_the_ray_token_reaches_jobs_only_when_asked(settings: Settings) -> None:
+    with_token = settings.model_copy(update={"ray_auth_token": SecretStr("ray-secret-123")})
+    assert "RAY_AUTH_TOKEN" not in job_environment(with_token)  # drivers inherit the node's
+    passed = with_token.model_copy(update={"pass_ray_token_to_jobs": True})
+    assert job_environment(passed)["RAY_AUTH_TOKEN"] == "ray-secret-123"
