@@ -165,7 +165,7 @@ def list_page(
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=NOT_FOUND)
-def get_job(job_id: str, _reader: Reader, store: StoreDep, settings: SettingsDep) -> JobOut:
+async def get_job(job_id: str, _reader: Reader, store: StoreDep, settings: SettingsDep) -> JobOut:
     """A job's state, progress, links and checkpoints."""
     return JobOut.of(find_job(store, job_id), settings)
 
