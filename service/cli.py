@@ -25,6 +25,7 @@ from rich.table import Table
 
 from service.stack import read_stack_info
 from trainer.config import ConfigError, apply_overrides, read_config_file
+from trainer.summary import result_lines
 
 console = Console(stderr=True)
 FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -92,11 +93,28 @@ def describe(job: dict[str, Any]) -> str:
     for key in ("loss", "effective_clusters", "knn_top1"):
         if key in metrics:
             parts.append(f"{key} {metrics[key]:.4g}")
+    health = health_text(progress)
+    if health:
+        parts.append(f"health {health}")
     return "  ".join(parts)
 
 
+def health_text(progress: dict[str, Any]) -> str:
+    """``ok``, ``collapsed at step N``, or empty before the trainer's first verdict."""
+    if progress.get("health") == "collapsed":
+        return f"collapsed at step {progress.get('collapse_step')}"
+    return str(progress.get("health") or "")
+
+
+def print_result(job: dict[str, Any]) -> None:
+    """A finished job's quality beside its baselines, and its health verdict."""
+    knn_k = job["config"]["eval"]["knn_k"][0] if job["config"].get("eval") else 20
+    for line in result_lines(job["progress"]["metrics"], knn_k):
+        typer.echo(line)
+
+
 def follow_job(http: httpx.Client, job_id: str, poll_s: float = 2.0) -> dict[str, Any]:
-    """Show a live progress bar (epoch, loss, effective clusters) until the job ends."""
+    """Show a live progress bar (epoch, loss, effective clusters, health) until the job ends."""
     job: dict[str, Any] = check(http.get(f"/v1/jobs/{job_id}"))
     epochs = int(job["config"]["schedule"]["epochs"])
     columns = (
@@ -111,6 +129,9 @@ def follow_job(http: httpx.Client, job_id: str, poll_s: float = 2.0) -> dict[str
             metrics = job["progress"]["metrics"]
             shown = [key for key in ("loss", "effective_clusters") if key in metrics]
             info = "  ".join(f"{key} {metrics[key]:.4g}" for key in shown)
+            health = health_text(job["progress"])
+            if health:
+                info += f"  health {health}"
             bar.update(
                 task,
                 completed=min(job["progress"]["epoch"] or 0, epochs),
@@ -177,6 +198,7 @@ def submit(
             if job["state"] != "SUCCEEDED":
                 console.print(f"[red]{job['state']}: {job['error']}[/]")
                 raise typer.Exit(1)
+            print_result(job)
 
 
 def status(job_id: JobId, url: Url = None, token: Token = None) -> None:

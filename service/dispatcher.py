@@ -149,6 +149,8 @@ class Dispatcher:
             "progress_epoch": progress.epoch,
             "progress_step": progress.step,
             "progress_metrics": progress.metrics,
+            "progress_health": progress.health,
+            "progress_collapse_step": progress.collapse_step,
         }
         if progress.latest_checkpoint and progress.latest_checkpoint not in job.checkpoint_uris:
             fields["checkpoint_uris"] = [*job.checkpoint_uris, progress.latest_checkpoint]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +36,12 @@ class JobProgress(BaseModel):
     metrics: dict[str, float] = Field(
         default_factory=dict, description="Latest value of every metric."
     )
+    health: Literal["ok", "collapsed"] | None = Field(
+        None,
+        description="The trainer's collapse verdict: ok, or collapsed (targets constant or "
+        "uniform across images for several log intervals); null before the first log.",
+    )
+    collapse_step: int | None = Field(None, description="Step at which the collapse started.")
 
 
 def utc(moment: datetime) -> datetime:
@@ -95,6 +101,8 @@ class JobOut(BaseModel):
                 epoch=job.progress_epoch,
                 step=job.progress_step,
                 metrics=dict(job.progress_metrics or {}),
+                health=job.progress_health,
+                collapse_step=job.progress_collapse_step,
             ),
             error=job.error,
             checkpoint_uris=list(job.checkpoint_uris or []),

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from service.cli import check, client, console, describe, follow_job
+from service.cli import check, client, console, describe, follow_job, print_result
 from service.stack import LocalStack, StackError, StackInfo, StackOptions, read_stack_info
 from trainer.config import ConfigError, apply_overrides, read_config_file
 
@@ -63,10 +63,7 @@ def run_demo(info: StackInfo, config_path: Path, overrides: list[str]) -> None:
     if job["state"] != "SUCCEEDED":
         console.print(f"[red]{job['state']}: {job['error']}[/]  (klssl logs {job['id']})")
         raise typer.Exit(1)
-    metrics = job["progress"]["metrics"]
-    ks = raw.get("eval", {}).get("knn_k") or [20]
-    if "knn_top1" in metrics:
-        typer.echo(f"k-NN top-1 (k={ks[0]}): {metrics['knn_top1']:.2f}%")
+    print_result(job)
     typer.echo(f"MLflow run: {job['mlflow_run_url']}")
 
 

@@ -102,6 +102,8 @@ class Job(Base):
     progress_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_metrics: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    progress_health: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    progress_collapse_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     checkpoint_uris: Mapped[list[str]] = mapped_column(JSON, default=list)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

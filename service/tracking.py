@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from trainer.config import TrainConfig
+from trainer.health import COLLAPSE_STEP_TAG, HEALTH_TAG
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -36,6 +37,9 @@ class Progress:
     step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     latest_checkpoint: str | None = None
+    health: str | None = None
+    """The trainer's verdict, ``ok`` or ``collapsed`` (None before the first log)."""
+    collapse_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -159,8 +163,16 @@ class Tracking:
             history = client.get_metric_history(run_id, STEP_METRIC)
             step = max(point.step for point in history) if history else None
         epoch = int(metrics["epoch"]) if "epoch" in metrics else None
-        latest = run.data.tags.get(LATEST_CHECKPOINT_TAG)
-        return Progress(epoch=epoch, step=step, metrics=metrics, latest_checkpoint=latest)
+        tags = run.data.tags
+        collapse_step = tags.get(COLLAPSE_STEP_TAG, "")
+        return Progress(
+            epoch=epoch,
+            step=step,
+            metrics=metrics,
+            latest_checkpoint=tags.get(LATEST_CHECKPOINT_TAG),
+            health=tags.get(HEALTH_TAG),
+            collapse_step=int(collapse_step) if collapse_step.isdigit() else None,
+        )
 
     def history(self, run_id: str) -> dict[str, list[MetricPoint]]:
         """Every metric's full history, by name."""

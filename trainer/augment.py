@@ -130,8 +130,8 @@ class MultiCropAugmentation:
 
     Args:
         config: the data section; uses ``global_crop_size``, ``local_crop_size``,
-            ``num_global_crops``, ``num_local_crops``, ``global_crop_scale`` and
-            ``local_crop_scale``.
+            ``num_global_crops``, ``num_local_crops``, ``global_crop_scale``,
+            ``local_crop_scale`` and ``blur`` (`DataConfig.blur_enabled`).
 
     Calling it on a uint8 (3, H, W) image of any size returns
     ``num_global_crops + num_local_crops`` float32 views normalised with `IMAGE_MEAN` /
@@ -152,17 +152,18 @@ class MultiCropAugmentation:
         self.jitter_ranges: tuple[tuple[float, float], ...] = tuple(
             r for r in ranges if r is not None
         )
+        blur = 1.0 if config.blur_enabled else 0.0  # scales DINO's probabilities
         self.global_views = ViewRenderer(
             config.global_crop_size,
             scale=config.global_crop_scale,
-            blur_p=GLOBAL_BLUR_P[: config.num_global_crops],
+            blur_p=tuple(blur * p for p in GLOBAL_BLUR_P[: config.num_global_crops]),
             solarize_p=GLOBAL_SOLARIZE_P[: config.num_global_crops],
             jitter_ranges=self.jitter_ranges,
         )
         self.local_views = ViewRenderer(
             config.local_crop_size,
             scale=config.local_crop_scale,
-            blur_p=(LOCAL_BLUR_P,) * config.num_local_crops,
+            blur_p=(blur * LOCAL_BLUR_P,) * config.num_local_crops,
             solarize_p=(0.0,) * config.num_local_crops,
             jitter_ranges=self.jitter_ranges,
         )

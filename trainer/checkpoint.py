@@ -47,6 +47,7 @@ def state_payload(state: TrainingState) -> dict[str, Any]:
         "scaler": None if state.scaler is None else state.scaler.state_dict(),
         "epoch": state.epoch,
         "step": state.step,
+        "health": state.health.state_dict(),
         "rng": rng_state(),
     }
 
@@ -89,6 +90,8 @@ def restore_state(state: TrainingState, payload: dict[str, Any]) -> None:
         state.scaler.load_state_dict(payload["scaler"])
     state.epoch = payload["epoch"]
     state.step = payload["step"]
+    if "health" in payload:  # checkpoints written before the health verdict existed
+        state.health.load_state_dict(payload["health"])
     rng = payload["rng"]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():

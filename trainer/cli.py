@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.summary import result_lines
 
 app = typer.Typer(
     name="klssl",
@@ -79,8 +80,8 @@ def train(
             raise typer.Exit(1) from None
     summary = {key: round(value, 4) for key, value in metrics.items()}
     console.print(f"final metrics: {json.dumps(summary)}")
-    if "knn_top1" in metrics:
-        typer.echo(f"k-NN top-1 (k={config.eval.knn_k[0]}): {metrics['knn_top1']:.2f}%")
+    for line in result_lines(metrics, config.eval.knn_k[0]):
+        typer.echo(line)
     typer.echo(f"outputs in {output}")
 
 
@@ -103,7 +104,7 @@ def _train_on_ray(config: TrainConfig, output: Path, workers: int) -> dict[str, 
 def evaluate_checkpoint(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint directory (epoch_NNNN).")],
 ) -> None:
-    """k-NN accuracy of a checkpoint's teacher backbone on its config's held-out split."""
+    """k-NN and linear-probe accuracy of a checkpoint's teacher backbone (held-out split)."""
     from trainer.checkpoint import load_checkpoint_config, load_payload
     from trainer.loop import build_run, evaluate
 

@@ -27,11 +27,14 @@ from pydantic import (
 )
 
 NormalisationMode = Literal["prior", "center", "sinkhorn", "none"]
-StatisticsOrder = Literal["current", "previous"]
+StatisticsOrder = Literal["auto", "current", "previous"]
 DatasetKind = Literal["digits", "synthetic", "imagefolder", "cifar10"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+SMALL_IMAGE_BLUR_LIMIT = 64
+"""Global crops of at most this many pixels are not blurred by ``data.blur: auto``."""
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Momentum = Annotated[float, Field(ge=0, lt=1)]
@@ -74,6 +77,13 @@ class DataConfig(_Section):
     local_crop_scale: tuple[Fraction, Fraction] = Field(
         (0.05, 0.4), description="Area range of local crops."
     )
+    blur: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Gaussian blur with DINO's probabilities (1.0 / 0.1 on the global views, "
+        "0.5 on the local ones): on, off, or auto = on for global crops above "
+        f"{SMALL_IMAGE_BLUR_LIMIT} px and off at or below, as solo-learn's CIFAR recipe "
+        "(a 3-tap kernel on a 32 px crop mostly erases what little detail there is).",
+    )
     batch_size: int = Field(64, ge=1, description="Images per worker per step.")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
@@ -109,6 +119,13 @@ class DataConfig(_Section):
         if self.kind in ("imagefolder", "cifar10") and self.path is None:
             raise ValueError(f"data.path is required for dataset kind {self.kind!r}")
         return self
+
+    @property
+    def blur_enabled(self) -> bool:
+        """Whether views are blurred: ``blur`` with ``auto`` resolved by the crop size."""
+        if self.blur == "auto":
+            return self.global_crop_size > SMALL_IMAGE_BLUR_LIMIT
+        return self.blur == "on"
 
     @property
     def num_views(self) -> int:
@@ -170,11 +187,19 @@ class ObjectiveConfig(_Section):
         1.0, ge=0, le=1, description="Exponent a in softmax(t/tau_t - a log pi)."
     )
     statistics_order: StatisticsOrder = Field(
-        "current",
+        "auto",
         description="current: update pi/c with this batch before the targets; previous: "
-        "targets from the last step's statistics (DINO's order).",
+        "targets from the last step's statistics (DINO's order); auto: previous for center "
+        "(DINOLoss exactly), current otherwise (the design's choice for prior).",
     )
     sinkhorn_iters: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations.")
+
+    @property
+    def effective_statistics_order(self) -> Literal["current", "previous"]:
+        """The order a step uses: ``auto`` resolved by the mode."""
+        if self.statistics_order != "auto":
+            return self.statistics_order
+        return "previous" if self.mode == "center" else "current"
 
 
 class OptimConfig(_Section):
@@ -212,6 +237,16 @@ class EvalConfig(_Section):
     )
     knn_temperature: PositiveFloat = Field(0.07, description="Weighting temperature.")
     every_epochs: int = Field(0, ge=0, description="Run k-NN every N epochs (0: at the end).")
+    linear_probe: bool = Field(
+        True,
+        description="Also fit a logistic-regression probe on frozen training-split features "
+        "(linear_top1) whenever k-NN runs.",
+    )
+    baselines: bool = Field(
+        True,
+        description="Before training, evaluate the same network at random init "
+        "(random_init_*) and raw pixels (pixels_knn_top1), so every result has its baselines.",
+    )
 
 
 class RuntimeConfig(_Section):
@@ -254,8 +289,14 @@ class TrainConfig(_Section):
         return self.model_dump_json(indent=2)
 
     def flat(self) -> dict[str, str]:
-        """Flattened ``section.field -> value`` strings, e.g. for MLflow params."""
-        return dict(_flatten(self.model_dump(mode="json")))
+        """Flattened ``section.field -> value`` strings, e.g. for MLflow params.
+
+        Besides the fields it holds the resolved ``objective.effective_statistics_order``,
+        so a run records which order it really used when the config says ``auto``.
+        """
+        flat = dict(_flatten(self.model_dump(mode="json")))
+        flat["objective.effective_statistics_order"] = self.objective.effective_statistics_order
+        return flat
 
 
 class ConfigError(ValueError):

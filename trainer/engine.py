@@ -9,6 +9,7 @@ single process too.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import Precision, TrainConfig
+from trainer.health import HealthMonitor
 from trainer.models import as_network, update_teacher
 from trainer.objective import cross_view_loss, entropy, teacher_targets
 from trainer.schedules import Schedules, StepSchedule
@@ -41,6 +43,8 @@ class TrainingState:
     """Optimiser steps taken so far (the global step of metrics)."""
     epoch: int = 0
     """Completed epochs."""
+    health: HealthMonitor = field(default_factory=HealthMonitor)
+    """The collapse verdict, fed every log interval."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ def train_step(
             reduce=all_reduce_sum,
         )
 
-    if objective.statistics_order == "previous":
+    if objective.effective_statistics_order == "previous":
         targets = targets_now()
         batch_stats = state.statistics.update(teacher_logits, schedule.teacher_temp)
     else:
@@ -191,29 +195,62 @@ def train_step(
 def collapse_diagnostics(
     loss: Tensor, targets: Tensor, batch: BatchStatistics, statistics: ClusterStatistics
 ) -> dict[str, Tensor]:
-    """The label-free diagnostics of DESIGN.md section 1, over the global batch.
+    """The label-free diagnostics of docs/design.md, over the global batch.
 
+    Teacher side (the raw teacher P_t = softmax(t / tau_t) and the EMA prior):
     - prior_entropy H(pi) and effective_clusters exp(H(pi)) of the EMA prior;
-    - teacher_entropy E_x[H(Q(.|x))] of the targets;
-    - mutual_info H(pi_batch) - E_x[H(P_t(.|x))], using the batch marginal so that it
-      is a true (non-negative) mutual information of this batch;
-    - kl = E[KL(Q || P_s)] = loss - teacher_entropy, since every target view enters
-      the pair average equally often.
+    - teacher_entropy E_x[H(P_t(.|x))];
+    - mutual_info H(pi_batch) - E_x[H(P_t(.|x))], with the batch marginal, so it is a
+      true (non-negative) mutual information of this batch.
+
+    Target side (Q, what the student is trained on; the same measures):
+    - target_entropy E_x[H(Q(.|x))], target_effective_clusters exp(H(E_x[Q])),
+      target_mutual_info H(E_x[Q]) - E_x[H(Q)], and target_mutual_info_norm, the
+      same divided by its ceiling log(min(K, N)) for N targets in the global batch, so
+      that one threshold fits every K and batch size.
+
+    And temperature-free: logit_spread, sqrt(mean_k Var_x t_k), 0 when every image gets
+    the same logits. Mutual information is bounded by log N and, for small differences
+    between images, grows as Var(t) / tau^2: a low value at a low temperature and a high
+    one at a high temperature can describe the same teacher. logit_spread cannot.
+
+    Finally kl = E[KL(Q || P_s)] = loss - target_entropy (every target view enters the
+    pair average equally often).
     """
-    # Entropies and the loss are averaged over the global batch in one all-reduce (the
-    # loss weighted by each rank's count), so every rank reports the same numbers.
-    count = torch.tensor(float(targets[..., 0].numel()), device=targets.device)
-    sums = all_reduce_sum(torch.stack([entropy(targets).sum(), count, loss.float() * count]))
-    target_entropy = sums[0] / sums[1]
-    global_loss = sums[2] / sums[1]
+    # Q's marginal, entropies and the loss are summed over the global batch in one
+    # all-reduce (the loss weighted by each rank's count): every rank reports the same.
+    flat = targets.reshape(-1, targets.shape[-1]).float()
+    count = torch.tensor([float(flat.shape[0])], device=flat.device)
+    sums = all_reduce_sum(
+        torch.cat(
+            [
+                flat.sum(dim=0),
+                entropy(flat).sum().reshape(1),
+                count,
+                (loss.float() * count[0]).reshape(1),
+            ]
+        )
+    )
+    num_clusters = flat.shape[-1]
+    total = sums[num_clusters + 1]
+    target_marginal = sums[:num_clusters] / total
+    target_entropy = sums[num_clusters] / total
+    global_loss = sums[num_clusters + 2] / total
+    target_mutual_info = (entropy(target_marginal) - target_entropy).clamp_min(0)
+    ceiling = math.log(min(num_clusters, max(int(total.item()), 2)))
     prior_entropy = entropy(statistics.prior.float())
     return {
         "loss": global_loss,
         "kl": global_loss - target_entropy,
-        "teacher_entropy": target_entropy,
+        "teacher_entropy": batch.teacher_entropy,
         "prior_entropy": prior_entropy,
         "effective_clusters": prior_entropy.exp(),
         "mutual_info": entropy(batch.prior) - batch.teacher_entropy,
+        "target_entropy": target_entropy,
+        "target_effective_clusters": entropy(target_marginal).exp(),
+        "target_mutual_info": target_mutual_info,
+        "target_mutual_info_norm": target_mutual_info / ceiling,
+        "logit_spread": batch.logit_spread,
     }
 
 
@@ -224,6 +261,11 @@ DIAGNOSTICS = (
     "prior_entropy",
     "effective_clusters",
     "mutual_info",
+    "target_entropy",
+    "target_effective_clusters",
+    "target_mutual_info",
+    "target_mutual_info_norm",
+    "logit_spread",
 )
 """The names `collapse_diagnostics` reports (every one a statistic of the global batch)."""
 
@@ -244,7 +286,8 @@ def train_one_epoch(
     """Train one epoch; returns the epoch's mean loss and its last diagnostics.
 
     ``on_log`` is called every ``runtime.log_every_steps`` steps (and at the last step)
-    with the diagnostics, lr, teacher temperature and images/s, keyed by metric name.
+    with the diagnostics, lr, teacher temperature, images/s and ``healthy`` (the
+    verdict of ``state.health`` after this interval), keyed by metric name.
     """
     state.student.train()
     state.teacher.train()
@@ -274,6 +317,7 @@ def train_one_epoch(
                 "images_per_s": window_images / max(elapsed, 1e-9),
                 "epoch": state.epoch + steps / _length(loader, steps),
             }
+            last |= state.health.observe(state.step, last).metrics()
             if on_log is not None:
                 on_log(state, last)
             window_start, window_images = time.perf_counter(), 0

@@ -52,6 +52,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import TrainConfig, validate_config
 from trainer.engine import TrainingState
+from trainer.health import Verdict
 from trainer.loop import LoopHooks, Run, backbone_of, build_run, run_training
 from trainer.tracking import (
     MetricLogger,
@@ -331,12 +332,20 @@ class RayHooks:
         self.logger = logger
         self.checkpoint_root_uri = checkpoint_root_uri
         self.extra = list(extra)
+        self.tagged_verdict: Verdict | None = None
 
     def on_log(self, state: TrainingState, metrics: dict[str, float]) -> None:
         if self.logger is not None:
             self.logger.log(metrics, step=state.step)
+            self._tag_health(state.health.verdict)
         for hooks in self.extra:
             hooks.on_log(state, metrics)
+
+    def _tag_health(self, verdict: Verdict) -> None:
+        """``klssl.health`` (and the collapse step) on the run whenever the verdict changes."""
+        if self.logger is not None and verdict != self.tagged_verdict:
+            set_tags(self.logger.tracked, verdict.tags())
+            self.tagged_verdict = verdict
 
     def on_epoch_end(self, state: TrainingState, metrics: dict[str, float]) -> None:
         for hooks in self.extra:

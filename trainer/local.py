@@ -57,8 +57,9 @@ class LocalHooks:
                 self.task,
                 completed=state.step,
                 status=f"epoch {state.epoch + 1}/{self.run.config.schedule.epochs}  "
-                f"loss {metrics['loss']:.3f}  eff. clusters {metrics['effective_clusters']:.1f}"
-                f"  MI {metrics['mutual_info']:.2f}",
+                f"loss {metrics['loss']:.3f}  target MI "
+                f"{metrics['target_mutual_info_norm']:.2f}  spread {metrics['logit_spread']:.3f}"
+                f"  health {state.health.verdict.describe()}",
             )
 
     def on_epoch_end(self, state: TrainingState, metrics: dict[str, float]) -> None:

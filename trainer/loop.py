@@ -27,8 +27,13 @@ from trainer.engine import (
     resolve_precision,
     train_one_epoch,
 )
-from trainer.evaluation import extract_features, knn_report
-from trainer.models import as_network, build_network, make_teacher
+from trainer.evaluation import (
+    extract_features,
+    knn_report,
+    linear_probe_top1,
+    pixel_features,
+)
+from trainer.models import as_network, build_network, build_teacher, synchronise_batchnorm
 from trainer.schedules import Schedules
 from trainer.statistics import ClusterStatistics
 
@@ -97,7 +102,11 @@ def build_run(
     student = build_network(
         config.model, config.objective.num_clusters, config.data.global_crop_size
     ).to(device)
-    teacher = make_teacher(student)
+    teacher = build_teacher(
+        config.model, student, config.objective.num_clusters, config.data.global_crop_size
+    )
+    student = synchronise_batchnorm(student, device, world_size)
+    teacher = synchronise_batchnorm(teacher, device, world_size)
     optimizer = build_optimizer(student, config)
     state = TrainingState(
         student=wrap_student(student),
@@ -117,21 +126,51 @@ def build_run(
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    """k-NN top-1 of the teacher backbone: training split as bank, held-out as queries."""
+    """k-NN (and linear probe) top-1 of the teacher backbone on the held-out split.
+
+    The training split, without augmentation, is the k-NN bank and the probe's
+    training set; the held-out split is the queries.
+    """
     backbone = as_network(run.state.teacher).backbone
-    bank = extract_features(
-        backbone, make_eval_loader(run.splits.train, run.config.data), run.device
+    data = run.config.data
+    bank = extract_features(backbone, make_eval_loader(run.splits.train, data), run.device)
+    queries = extract_features(backbone, make_eval_loader(run.splits.holdout, data), run.device)
+    return score_features(run, bank, queries)
+
+
+def score_features(
+    run: Run, bank: tuple[torch.Tensor, torch.Tensor], queries: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, float]:
+    """The k-NN report of features, plus ``linear_top1`` when the config asks for it."""
+    evaluation = run.config.eval
+    report = knn_report(
+        bank, queries, evaluation.knn_k, evaluation.knn_temperature, run.splits.num_classes
     )
-    queries = extract_features(
-        backbone, make_eval_loader(run.splits.holdout, run.config.data), run.device
-    )
-    return knn_report(
-        bank,
-        queries,
-        run.config.eval.knn_k,
-        run.config.eval.knn_temperature,
+    if evaluation.linear_probe and run.splits.num_classes >= 2:
+        report["linear_top1"] = linear_probe_top1(bank, queries)
+    return report
+
+
+def evaluate_baselines(run: Run) -> dict[str, float]:
+    """The baselines every result is read against, measured before training.
+
+    ``random_init_*``: the same network at random initialisation (the teacher before its
+    first step, so exactly the weights training starts from); ``pixels_*``: k-NN on the
+    raw, normalised pixels of the evaluation views.
+    """
+    if run.state.step != 0:
+        raise RuntimeError("baselines are measured before the first step")
+    with torch.random.fork_rng(devices=[]):  # data loaders draw seeds: keep the stream
+        report = {f"random_init_{key}": value for key, value in evaluate(run).items()}
+    data, evaluation = run.config.data, run.config.eval
+    pixels = knn_report(
+        pixel_features(make_eval_loader(run.splits.train, data)),
+        pixel_features(make_eval_loader(run.splits.holdout, data)),
+        evaluation.knn_k,
+        evaluation.knn_temperature,
         run.splits.num_classes,
     )
+    return report | {f"pixels_{key}": value for key, value in pixels.items()}
 
 
 def run_training(
@@ -155,9 +194,11 @@ def run_training(
     Returns:
         The metrics of the last epoch, with k-NN accuracy when evaluated.
     """
+    config = run.config
+    # Measured on the freshly built (random-init) network, before a resume replaces it.
+    baselines = evaluate_baselines(run) if evaluates and config.eval.baselines else {}
     if resume is not None:
         restore_state(run.state, resume)
-    config = run.config
     metrics: dict[str, float] = {}
     for epoch in range(run.state.epoch, until_epoch or config.schedule.epochs):
         sampler = run.train_loader.sampler
@@ -176,7 +217,7 @@ def run_training(
         last_epoch = epoch + 1 == config.schedule.epochs
         every = config.eval.every_epochs
         if evaluates and (last_epoch or (every > 0 and (epoch + 1) % every == 0)):
-            metrics |= evaluate(run)
+            metrics |= evaluate(run) | baselines
         hooks.on_epoch_end(run.state, metrics)
     return metrics
 

@@ -6,7 +6,6 @@ Backbones come from timm's registry by name and are always built with
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -157,28 +156,77 @@ def build_network(config: ModelConfig, num_clusters: int, image_size: int) -> Mu
     return MultiCropNetwork(backbone, head)
 
 
-def make_teacher(student: nn.Module) -> nn.Module:
-    """A frozen copy of the student: updated only by `update_teacher`."""
-    teacher = copy.deepcopy(student)
+STOCHASTIC_KWARGS = (
+    "drop_rate",
+    "drop_path_rate",
+    "drop_block_rate",
+    "attn_drop_rate",
+    "proj_drop_rate",
+    "pos_drop_rate",
+    "patch_drop_rate",
+)
+"""timm keyword arguments that make a forward pass random (dropout and its kin)."""
+
+
+def deterministic(config: ModelConfig) -> ModelConfig:
+    """The same model with every dropout, drop-path and drop-block rate at zero.
+
+    DINO's teacher is built without stochastic depth (``drop_path_rate`` is passed to
+    the student only): its targets must be a deterministic function of the image.
+    """
+    kwargs = {
+        key: value for key, value in config.backbone_kwargs.items() if key not in STOCHASTIC_KWARGS
+    }
+    return config.model_copy(update={"backbone_kwargs": kwargs})
+
+
+def build_teacher(
+    config: ModelConfig, student: MultiCropNetwork, num_clusters: int, image_size: int
+) -> MultiCropNetwork:
+    """The teacher: the student's architecture without randomness, with its weights.
+
+    Built anew from `deterministic` ``config`` (not a deep copy, which would keep the
+    student's drop-path layers), then loaded with the student's parameters and buffers,
+    and frozen: it changes only through `update_teacher` and its own BatchNorm passes.
+    """
+    teacher = build_network(deterministic(config), num_clusters, image_size)
+    teacher.load_state_dict(student.state_dict())
+    teacher.to(next(student.parameters()).device)
     for parameter in teacher.parameters():
         parameter.requires_grad = False
     return teacher
 
 
+def synchronise_batchnorm(
+    network: MultiCropNetwork, device: torch.device, world_size: int
+) -> MultiCropNetwork:
+    """Convert BatchNorm layers to SyncBatchNorm on several GPUs, as DINO does.
+
+    The teacher's and the student's batch statistics then cover the global batch. On
+    the CPU, torch's SyncBatchNorm refuses to run (it needs CUDA-like devices), so CPU
+    workers keep per-worker BatchNorm.
+    """
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules())
+    if world_size > 1 and device.type == "cuda" and has_batchnorm:
+        # Converts the layers in place (the top module is not a BatchNorm itself).
+        nn.SyncBatchNorm.convert_sync_batchnorm(network)
+    return network
+
+
 @torch.no_grad()
 def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameters and buffers.
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameters only.
 
     ``student`` is the plain module (unwrap DDP first). Every rank applies the same
     update to identical weights, so the teacher stays identical across ranks without
-    communication. Buffers (e.g. BatchNorm running statistics) are copied.
+    communication. Buffers are not copied: the teacher's BatchNorm running statistics
+    come from its own forward passes on the global views (as in DINO), not from the
+    student's last pass, which saw the local crops.
     """
     teacher_params: list[Tensor] = list(teacher.parameters())
     student_params: list[Tensor] = [p.detach() for p in student.parameters()]
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
-    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers(), strict=True):
-        teacher_buffer.copy_(student_buffer)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

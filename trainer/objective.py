@@ -67,8 +67,7 @@ def teacher_targets(
     if mode == "prior":
         if prior is None:
             raise ValueError("mode 'prior' needs the cluster prior `prior` (K,)")
-        log_prior = torch.log(prior.detach().float().clamp_min(torch.finfo(torch.float32).tiny))
-        return F.softmax(logits - prior_power * log_prior, dim=-1)
+        return F.softmax(logits - prior_power * log_prior_floored(prior), dim=-1)
     if mode == "center":
         if center is None:
             raise ValueError("mode 'center' needs the logit center `center` (K,)")
@@ -76,6 +75,18 @@ def teacher_targets(
     if mode == "sinkhorn":
         return _sinkhorn_knopp(logits, iterations=sinkhorn_iters, reduce=reduce)
     raise ValueError(f"unknown normalisation mode {mode!r}; valid modes: {', '.join(MODES)}")
+
+
+PRIOR_FLOOR = 1e-6
+"""log pi is floored at PRIOR_FLOOR / K: a cluster the prior has never seen gets a
+large but bounded boost (log(1e6) ~ 13.8 nats), not the ~87 nats of float32's smallest
+number, which would put all of Q's mass on that one empty cluster."""
+
+
+def log_prior_floored(prior: Tensor) -> Tensor:
+    """log(max(pi, PRIOR_FLOOR / K)) in float32, detached."""
+    floor = PRIOR_FLOOR / prior.shape[-1]
+    return torch.log(prior.detach().float().clamp_min(floor))
 
 
 def _sinkhorn_knopp(scaled_logits: Tensor, *, iterations: int, reduce: Reduce | None) -> Tensor:

@@ -43,6 +43,19 @@ class BatchStatistics:
     """() E_x[H(P_t(.|x))], the mean entropy of the raw teacher."""
     count: Tensor
     """() teacher outputs in the global batch (images x teacher views x workers)."""
+    logit_square: Tensor
+    """() E_x[||t(x)||^2], the mean squared norm of the teacher logits (for the spread)."""
+
+    @property
+    def logit_spread(self) -> Tensor:
+        """sqrt(mean_k Var_x[t_k(x)]): how much the teacher's logits differ between images.
+
+        Temperature-free (cosine logits lie in [-1, 1]) and an unbiased-in-the-limit
+        spread whatever the batch size: 0 exactly when every image gets the same logits,
+        the collapse that no temperature or prior can undo.
+        """
+        variance = (self.logit_square - self.center.square().sum()) / self.center.numel()
+        return variance.clamp_min(0).sqrt()
 
 
 class ClusterStatistics(nn.Module):
@@ -71,12 +84,13 @@ class ClusterStatistics(nn.Module):
         """Global-batch statistics of ``teacher_logits`` (N, K), in one all-reduce."""
         logits = teacher_logits.detach().float().reshape(-1, self.prior.numel())
         probs = F.softmax(logits / teacher_temp, dim=-1)
-        # One flat buffer, so a step costs a single collective of 2K + 2 floats.
+        # One flat buffer, so a step costs a single collective of 2K + 3 floats.
         sums = torch.cat(
             [
                 probs.sum(dim=0),
                 logits.sum(dim=0),
                 entropy(probs).sum().reshape(1),
+                logits.square().sum().reshape(1),
                 torch.tensor([float(logits.shape[0])], device=logits.device),
             ]
         )
@@ -88,6 +102,7 @@ class ClusterStatistics(nn.Module):
             center=sums[k : 2 * k] / count,
             teacher_entropy=sums[2 * k] / count,
             count=count,
+            logit_square=sums[2 * k + 1] / count,
         )
 
     @torch.no_grad()

@@ -48,15 +48,22 @@ DIAGNOSTIC_METRICS: dict[str, Mode] = {
     "effective_clusters": "max",
     "prior_entropy": "max",
     "teacher_entropy": "min",
+    "target_mutual_info": "max",
+    "target_mutual_info_norm": "max",
+    "target_effective_clusters": "max",
+    "target_entropy": "min",
+    "logit_spread": "max",
     "kl": "min",
     "loss": "min",
     "epoch_loss": "min",
+    "healthy": "max",
 }
-"""Label-free metrics every epoch reports (`trainer.engine.DIAGNOSTICS` plus the epoch's
-mean loss), with the direction in which they improve."""
+"""Label-free metrics every epoch reports (`trainer.engine.DIAGNOSTICS`, the epoch's
+mean loss and the health verdict), with the direction in which they improve."""
 
 KNN_METRIC = "knn_top1"
-COLLAPSE_METRICS = ("mutual_info", "effective_clusters")
+LINEAR_METRIC = "linear_top1"
+COLLAPSE_METRICS = ("healthy", "mutual_info", "effective_clusters")
 
 
 class _Strict(BaseModel):
@@ -142,11 +149,18 @@ class CollapseConfig(_Strict):
     """Stop a trial whose clusters collapsed (see `tuning.stoppers.CollapseStopper`)."""
 
     enabled: bool = Field(True, description="Stop collapsed trials.")
-    metric: Literal["mutual_info", "effective_clusters"] = Field(
-        "mutual_info",
-        description="mutual_info catches both collapses (one cluster, uniform outputs).",
+    metric: Literal["healthy", "mutual_info", "effective_clusters"] = Field(
+        "healthy",
+        description="healthy: the trainer's own verdict (trainer.health: normalised target "
+        "mutual information and logit spread, independent of the temperature), the rule "
+        "behind every run's klssl.health; mutual_info or effective_clusters: that raw "
+        "teacher metric below `threshold`.",
     )
-    threshold: float = Field(0.05, ge=0, description="Collapsed while the metric is below.")
+    threshold: float = Field(
+        0.05,
+        ge=0,
+        description="Collapsed while the raw metric is below (healthy is 0 or 1: below 0.5).",
+    )
     patience: int = Field(2, ge=1, description="Consecutive collapsed epochs before stopping.")
     grace_epochs: int = Field(1, ge=0, description="Epochs never judged (the warm-up).")
 
@@ -237,7 +251,8 @@ class SweepConfig(_Strict):
             )
         else:
             self.mode = self.mode or known[self.metric]
-        if self.metric.startswith(KNN_METRIC) and not dataset_has_labels(self.base.data):
+        labelled_metric = self.metric.startswith((KNN_METRIC, LINEAR_METRIC))
+        if labelled_metric and not dataset_has_labels(self.base.data):
             problem(("metric",), f"{self.metric} needs a dataset with labels", self.metric)
         max_t = self.asha.max_t or self.base.schedule.epochs
         if max_t > self.base.schedule.epochs:
@@ -301,7 +316,7 @@ class SweepConfig(_Strict):
             "cpus_per_worker": self.resources.cpus_per_worker or self.base.runtime.cpus_per_worker,
         }
         updates: dict[str, Any] = {"runtime": runtime}
-        if (self.metric or "").startswith(KNN_METRIC):
+        if (self.metric or "").startswith((KNN_METRIC, LINEAR_METRIC)):
             updates["eval"] = {"every_epochs": 1}
         return apply_sample(
             self.base,
@@ -336,6 +351,8 @@ def known_metrics(config: TrainConfig) -> dict[str, Mode]:
     if dataset_has_labels(config.data):
         metrics[KNN_METRIC] = "max"
         metrics.update({f"{KNN_METRIC}_k{k}": "max" for k in config.eval.knn_k})
+        if config.eval.linear_probe:
+            metrics[LINEAR_METRIC] = "max"
     return metrics
 
 

@@ -1,13 +1,17 @@
 """Stop trials whose clusters collapsed, judged from the label-free diagnostics.
 
-A collapsed run wastes the rest of its budget: its teacher either puts every image in
-one cluster (H(pi) -> 0) or gives every image the same, uniform distribution
-(H(P_t(.|x)) -> H(pi) -> log K). The mutual information I(x; y) = H(pi) - E_x[H(P_t)]
-goes to zero in both cases (DESIGN.md section 1), so a trial whose ``mutual_info`` stays
-below a threshold for ``patience`` consecutive epochs, after ``grace_epochs`` of
-warm-up, is stopped. The decision is a pure function of the trial's reports
-(`collapse_epoch`), so the sweep's MLflow callback can tell a collapse stop from an ASHA
-stop with the same rule, and the rule is tested without Ray.
+A collapsed run wastes the rest of its budget: its targets no longer depend on the
+image (every image in one cluster, or every image the same, often uniform,
+distribution). By default a trial is judged by the trainer's own verdict, the
+``healthy`` metric of `trainer.health` (normalised target mutual information and the
+temperature-free logit spread, the rule behind every run's ``klssl.health`` tag), so a
+sweep and a single run never disagree about a collapse. The raw teacher metrics
+``mutual_info`` or ``effective_clusters`` below a threshold remain as alternatives.
+
+A trial whose metric stays collapsed for ``patience`` consecutive epochs, after
+``grace_epochs`` of warm-up, is stopped. The decision is a pure function of the trial's
+reports (`collapse_epoch`), so the sweep's MLflow callback can tell a collapse stop from
+an ASHA stop with the same rule, and the rule is tested without Ray.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from ray.tune.stopper import Stopper
 
+from trainer.health import HEALTHY_METRIC
 from tuning.config import CollapseConfig
 
 
@@ -66,6 +71,11 @@ class CollapseHistory:
         self.max_epochs = max_epochs
         self.reports: dict[str, dict[float, float]] = {}
 
+    @property
+    def threshold(self) -> float:
+        """Collapsed below this: the setting, or 0.5 for the trainer's 0/1 verdict."""
+        return 0.5 if self.settings.metric == HEALTHY_METRIC else self.settings.threshold
+
     def observe(self, trial_id: str, result: Mapping[str, Any]) -> bool:
         """Record one Tune result; True when the trial should stop for collapse now."""
         metric = self.settings.metric
@@ -86,7 +96,7 @@ class CollapseHistory:
         return (
             collapse_epoch(
                 reports,
-                threshold=self.settings.threshold,
+                threshold=self.threshold,
                 patience=self.settings.patience,
                 grace_epochs=self.settings.grace_epochs,
             )
@@ -98,7 +108,7 @@ class CollapseStopper(Stopper):
     """Ray Tune stopper: stops one trial once its clusters collapsed (see module doc).
 
     Args:
-        settings: threshold, patience, grace epochs and the metric (``mutual_info``).
+        settings: the metric (``healthy`` by default), threshold, patience, grace epochs.
         max_epochs: the trials' epoch budget (trials at it are left to finish).
     """
 

@@ -419,3 +419,24 @@ def test_eval_transform_is_deterministic_and_sized() -> None:
     wide = transform(random_image(40, 90))
     small = transform(random_image(8, 8))
     assert wide.shape == small.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("blur", "global_size", "expected"),
+    [
+        ("auto", 32, False),
+        ("auto", 64, False),
+        ("auto", 96, True),
+        ("on", 32, True),
+        ("off", 224, False),
+    ],
+)
+def test_blur_follows_dino_above_small_crops_and_solo_learn_at_them(
+    blur: str, global_size: int, expected: bool
+) -> None:
+    config = DataConfig(blur=blur, global_crop_size=global_size, local_crop_size=16)
+    assert config.blur_enabled is expected
+    augment = MultiCropAugmentation(config)
+    dino = (1.0, 0.1) if expected else (0.0, 0.0)
+    assert augment.global_views.blur_p == dino
+    assert augment.local_views.blur_p == ((0.5 if expected else 0.0),) * config.num_local_crops

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.factories import tiny_config
+from tests.trainer.test_objective import DinoLossReference
 from trainer.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -61,10 +62,14 @@ def test_step_updates_student_and_teacher_and_reports_diagnostics(tiny: TrainCon
     values = {k: float(v) for k, v in result.diagnostics.items()}
     assert math.isfinite(values["loss"])
     k = tiny.objective.num_clusters
-    assert 1.0 - 1e-4 <= values["effective_clusters"] <= k + 1e-3
-    assert 0.0 <= values["teacher_entropy"] <= math.log(k) + 1e-4
+    for name in ("effective_clusters", "target_effective_clusters"):
+        assert 1.0 - 1e-4 <= values[name] <= k + 1e-3
+    for name in ("teacher_entropy", "target_entropy"):
+        assert 0.0 <= values[name] <= math.log(k) + 1e-4
     assert values["mutual_info"] >= -1e-5
-    assert values["kl"] == pytest.approx(values["loss"] - values["teacher_entropy"], abs=1e-5)
+    assert 0.0 <= values["target_mutual_info_norm"] <= 1.0
+    assert values["logit_spread"] > 0
+    assert values["kl"] == pytest.approx(values["loss"] - values["target_entropy"], abs=1e-5)
     assert any(
         not torch.equal(a, b)
         for a, b in zip(backbone_before, student.backbone.parameters(), strict=True)
@@ -78,6 +83,40 @@ def test_step_updates_student_and_teacher_and_reports_diagnostics(tiny: TrainCon
         teacher_before, run.state.teacher.parameters(), student.parameters(), strict=True
     ):
         torch.testing.assert_close(new, momentum * old + (1 - momentum) * s.detach())
+
+
+@pytest.mark.parametrize("order", ["auto", "current"])
+def test_center_mode_steps_equal_dino_loss_in_dinos_order(order: str) -> None:
+    """`center` by default takes targets from the previous center, then updates it."""
+    config = tiny_config(objective={"mode": "center", "statistics_order": order})
+    assert config.objective.effective_statistics_order == (
+        "previous" if order == "auto" else "current"
+    )
+    run = build_run(config)
+    k, views_per_image = config.objective.num_clusters, config.data.num_views
+    reference = DinoLossReference(k, views_per_image, config.data.num_global_crops)
+    assert reference.center.shape[-1] == k
+    gaps = []
+    for step, (views, _) in zip(range(3), run.train_loader, strict=False):
+        schedule = run.schedules.at(step + 3)  # lr > 0: the networks change between steps
+        with torch.no_grad():  # the same forward passes train_step makes
+            teacher = run.state.teacher(views[: config.data.num_global_crops])
+            student = unwrap(run.state.student)(views)
+        expected = reference(student.reshape(-1, k), teacher.reshape(-1, k), schedule.teacher_temp)
+        result = train_step(run.state, views, schedule, config, precision="fp32")
+        gaps.append(abs(float(result.loss) - float(expected)))
+        torch.testing.assert_close(run.state.statistics.center, reference.center.squeeze(0))
+    if order == "auto":
+        assert max(gaps) < 1e-5, gaps  # DINOLoss to float precision
+    else:
+        assert max(gaps) > 1e-4, gaps  # the other order is measurably different
+
+
+def test_effective_statistics_order_is_logged_with_the_params() -> None:
+    for mode, order in [("center", "previous"), ("prior", "current"), ("sinkhorn", "current")]:
+        flat = tiny_config(objective={"mode": mode}).flat()
+        assert flat["objective.statistics_order"] == "auto"
+        assert flat["objective.effective_statistics_order"] == order
 
 
 def test_teacher_never_receives_gradients(tiny: TrainConfig) -> None:

@@ -12,7 +12,8 @@ from trainer.models import (
     ProjectionHead,
     build_backbone,
     build_network,
-    make_teacher,
+    build_teacher,
+    synchronise_batchnorm,
     unwrap,
     update_teacher,
 )
@@ -85,22 +86,84 @@ def test_multicrop_network_groups_views_by_resolution() -> None:
     torch.testing.assert_close(network([views[0]])[0], again[0], atol=1e-5, rtol=1e-5)
 
 
-def test_teacher_is_frozen_and_follows_student_by_ema() -> None:
-    student = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
-    teacher = make_teacher(student)
+def _resnet_pair(**backbone_kwargs: float) -> tuple[nn.Module, nn.Module]:
+    config = ModelConfig(
+        backbone="test_resnet",
+        backbone_kwargs=backbone_kwargs,
+        head_hidden_dim=16,
+        head_bottleneck_dim=8,
+    )
+    student = build_network(config, num_clusters=5, image_size=16)
+    return student, build_teacher(config, student, num_clusters=5, image_size=16)
+
+
+def test_teacher_is_frozen_and_follows_the_student_parameters_by_ema() -> None:
+    student, teacher = _resnet_pair()
     assert all(not p.requires_grad for p in teacher.parameters())
+    for t, s in zip(teacher.state_dict().values(), student.state_dict().values(), strict=True):
+        torch.testing.assert_close(t, s)  # starts as the student
     before = [p.clone() for p in teacher.parameters()]
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)
-    student(torch.randn(8, 3))  # moves the BatchNorm running statistics
     update_teacher(teacher, student, momentum=0.9)
     for old, new, s in zip(before, teacher.parameters(), student.parameters(), strict=True):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * s)
-    torch.testing.assert_close(teacher[1].running_mean, student[1].running_mean)
     update_teacher(teacher, student, momentum=0.0)
     for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
         torch.testing.assert_close(t, s)
+
+
+def test_teacher_batchnorm_statistics_come_from_its_own_passes() -> None:
+    """DINO: the EMA covers parameters; running statistics are the teacher's own."""
+    student, teacher = _resnet_pair()
+    student.train()
+    teacher.train()
+    global_views = [torch.randn(4, 3, 16, 16) + 3.0]  # teacher sees these
+    local_views = [torch.randn(4, 3, 8, 8) - 3.0]  # the student's last pass sees these
+    teacher_bn = next(m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d))
+    student_bn = next(m for m in student.modules() if isinstance(m, nn.BatchNorm2d))
+    seen: list[torch.Tensor] = []
+    teacher_bn.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0]))
+    with torch.no_grad():
+        teacher(global_views)
+    student(global_views + local_views)
+    update_teacher(teacher, student, momentum=0.5)
+    # One update of a fresh BatchNorm (momentum 0.1, mean 0) with the global views only.
+    expected = 0.1 * seen[0].mean(dim=(0, 2, 3))
+    torch.testing.assert_close(teacher_bn.running_mean, expected)
+    assert not torch.allclose(teacher_bn.running_mean, student_bn.running_mean)
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "vit_tiny_patch16_224"])
+def test_teacher_never_drops_paths_even_when_the_student_does(backbone: str) -> None:
+    config = ModelConfig(
+        backbone=backbone,
+        patch_size=4 if backbone.startswith("vit") else None,
+        backbone_kwargs={"drop_path_rate": 0.5, "drop_rate": 0.5}
+        | ({"depth": 2} if backbone.startswith("vit") else {}),
+        head_hidden_dim=16,
+        head_bottleneck_dim=8,
+    )
+    student = build_network(config, num_clusters=5, image_size=16)
+    teacher = build_teacher(config, student, num_clusters=5, image_size=16)
+    student.train()
+    teacher.train()
+    views = [torch.randn(8, 3, 16, 16)]
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(views), teacher(views))
+        if backbone.startswith("vit"):  # a BatchNorm-free student: only drop-path differs
+            assert not torch.allclose(student(views), student(views))
+
+
+def test_batchnorm_is_synchronised_only_across_several_gpus() -> None:
+    student, _ = _resnet_pair()
+    cpu = synchronise_batchnorm(student, torch.device("cpu"), world_size=2)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in cpu.modules())
+    one_gpu = synchronise_batchnorm(student, torch.device("cuda"), world_size=1)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in one_gpu.modules())
+    gpus = synchronise_batchnorm(student, torch.device("cuda"), world_size=2)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in gpus.modules())
 
 
 def test_unwrap_returns_the_inner_module() -> None:

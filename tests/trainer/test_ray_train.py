@@ -44,7 +44,7 @@ from trainer.launch import (
     worker_main,
 )
 from trainer.loop import Run
-from trainer.models import build_network, make_teacher, unwrap
+from trainer.models import build_network, build_teacher, unwrap
 from trainer.schedules import Schedules
 from trainer.statistics import ClusterStatistics
 from trainer.tracking import TrackedRun, load_backbone
@@ -324,7 +324,7 @@ def _two_steps(
         statistics.update(logits, teacher_temp=0.1)
     torch.manual_seed(0)
     student = build_network(config.model, k, config.data.global_crop_size)
-    teacher = make_teacher(student)
+    teacher = build_teacher(config.model, student, k, config.data.global_crop_size)
     optimizer = build_optimizer(student, config)
     state = TrainingState(
         student=wrap(student),

@@ -13,7 +13,7 @@ from tuning.driver import expected_trials, max_concurrent_trials, param_space, s
 from tuning.report import TrialRecord, best_trial
 from tuning.stoppers import CollapseHistory, CollapseStopper, collapse_epoch
 
-RULE = {"threshold": 0.05, "patience": 2, "grace_epochs": 1}
+RULE = {"metric": "mutual_info", "threshold": 0.05, "patience": 2, "grace_epochs": 1}
 
 
 @pytest.mark.parametrize(
@@ -30,7 +30,20 @@ def test_collapse_needs_patience_consecutive_low_reports(
     values: list[float], expected: float | None
 ) -> None:
     reports = [(float(epoch), value) for epoch, value in enumerate(values, start=1)]
-    assert collapse_epoch(reports, **RULE) == expected
+    rule = {key: RULE[key] for key in ("threshold", "patience", "grace_epochs")}
+    assert collapse_epoch(reports, **rule) == expected
+
+
+def test_by_default_the_stopper_follows_the_trainers_verdict() -> None:
+    """The same rule as klssl.health: `healthy` is 1 or 0, whatever the temperature."""
+    settings = CollapseConfig(patience=2, grace_epochs=0)
+    assert settings.metric == "healthy"
+    stopper = CollapseStopper(settings, max_epochs=10)
+    # A raw mutual information this low would once have stopped a trial; it is healthy.
+    assert not stopper("t", {"epoch": 1, "healthy": 1.0, "mutual_info": 0.001})
+    assert not stopper("t", {"epoch": 2, "healthy": 1.0, "mutual_info": 0.001})
+    assert not stopper("t", {"epoch": 3, "healthy": 0.0, "mutual_info": 0.9})
+    assert stopper("t", {"epoch": 4, "healthy": 0.0, "mutual_info": 0.9})
 
 
 def test_the_stopper_stops_only_the_collapsed_trial() -> None:
