@@ -207,7 +207,8 @@ def collapse_diagnostics(
     - target_entropy E_x[H(Q(.|x))], target_effective_clusters exp(H(E_x[Q])),
       target_mutual_info H(E_x[Q]) - E_x[H(Q)], and target_mutual_info_norm, the
       same divided by its ceiling log(min(K, N)) for N targets in the global batch, so
-      that one threshold fits every K and batch size.
+      that one threshold fits every K and batch size; target_cluster_usage, the
+      entropy of E_x[Q] over the same ceiling (near 0 when one cluster takes all).
 
     And temperature-free: logit_spread, sqrt(mean_k Var_x t_k), 0 when every image gets
     the same logits. Mutual information is bounded by log N and, for small differences
@@ -250,6 +251,7 @@ def collapse_diagnostics(
         "target_effective_clusters": entropy(target_marginal).exp(),
         "target_mutual_info": target_mutual_info,
         "target_mutual_info_norm": target_mutual_info / ceiling,
+        "target_cluster_usage": entropy(target_marginal) / ceiling,
         "logit_spread": batch.logit_spread,
     }
 
@@ -265,6 +267,7 @@ DIAGNOSTICS = (
     "target_effective_clusters",
     "target_mutual_info",
     "target_mutual_info_norm",
+    "target_cluster_usage",
     "logit_spread",
 )
 """The names `collapse_diagnostics` reports (every one a statistic of the global batch)."""

@@ -29,6 +29,39 @@ def extract_features(
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(
+    backbone: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device
+) -> int:
+    """Recompute every BatchNorm layer's running statistics from ``loader``'s images.
+
+    A network at random initialisation has running statistics of mean 0 and variance
+    1, which do not describe any real data: evaluated as it is, its features are badly
+    normalised and a baseline measured with them is unfairly low (on digits, ResNet
+    features gain 6 k-NN points from this alone). Training gives the teacher statistics
+    of its own images, so the fair random-init baseline gets them too: one pass in
+    train mode over the images with a cumulative average (``momentum=None``).
+
+    Returns:
+        How many BatchNorm layers were recalibrated (0 for networks without any).
+    """
+    norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    was_training = backbone.training
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    backbone.train()
+    for images, _ in loader:
+        backbone(images.to(device))
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    backbone.train(was_training)
+    return len(norms)
+
+
+@torch.no_grad()
 def weighted_knn_top1(
     bank_features: Tensor,
     bank_labels: Tensor,

@@ -8,6 +8,7 @@ a local directory for `klssl train`, ``ray.train.report`` on a cluster).
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from trainer.evaluation import (
     knn_report,
     linear_probe_top1,
     pixel_features,
+    recalibrate_batchnorm,
 )
 from trainer.models import as_network, build_network, build_teacher, synchronise_batchnorm
 from trainer.schedules import Schedules
@@ -125,13 +127,17 @@ def build_run(
     return Run(config, state, splits, loader, schedules, device, precision, rank, world_size)
 
 
-def evaluate(run: Run) -> dict[str, float]:
-    """k-NN (and linear probe) top-1 of the teacher backbone on the held-out split.
+def evaluate(run: Run, backbone: nn.Module | None = None) -> dict[str, float]:
+    """k-NN (and linear probe) top-1 of a backbone on the held-out split.
 
     The training split, without augmentation, is the k-NN bank and the probe's
     training set; the held-out split is the queries.
+
+    Args:
+        run: the run (data, config, device).
+        backbone: what to evaluate (default: the teacher's backbone, which DINO ships).
     """
-    backbone = as_network(run.state.teacher).backbone
+    backbone = backbone or as_network(run.state.teacher).backbone
     data = run.config.data
     bank = extract_features(backbone, make_eval_loader(run.splits.train, data), run.device)
     queries = extract_features(backbone, make_eval_loader(run.splits.holdout, data), run.device)
@@ -154,15 +160,19 @@ def score_features(
 def evaluate_baselines(run: Run) -> dict[str, float]:
     """The baselines every result is read against, measured before training.
 
-    ``random_init_*``: the same network at random initialisation (the teacher before its
-    first step, so exactly the weights training starts from); ``pixels_*``: k-NN on the
-    raw, normalised pixels of the evaluation views.
+    ``random_init_*``: the same network at random initialisation (a copy of the teacher
+    before its first step, so exactly the weights training starts from), with its
+    BatchNorm statistics recomputed on the training images (`recalibrate_batchnorm`:
+    trained networks get theirs from the data, so must the baseline); ``pixels_*``: k-NN
+    on the raw, normalised pixels of the evaluation views.
     """
     if run.state.step != 0:
         raise RuntimeError("baselines are measured before the first step")
-    with torch.random.fork_rng(devices=[]):  # data loaders draw seeds: keep the stream
-        report = {f"random_init_{key}": value for key, value in evaluate(run).items()}
     data, evaluation = run.config.data, run.config.eval
+    with torch.random.fork_rng(devices=[]):  # data loaders draw seeds: keep the stream
+        backbone = copy.deepcopy(as_network(run.state.teacher).backbone)
+        recalibrate_batchnorm(backbone, make_eval_loader(run.splits.train, data), run.device)
+        report = {f"random_init_{key}": value for key, value in evaluate(run, backbone).items()}
     pixels = knn_report(
         pixel_features(make_eval_loader(run.splits.train, data)),
         pixel_features(make_eval_loader(run.splits.holdout, data)),
@@ -223,9 +233,13 @@ def run_training(
 
 
 def random_init_knn(config: TrainConfig, device: torch.device | None = None) -> dict[str, float]:
-    """k-NN accuracy of the same architecture at random initialisation (the baseline)."""
+    """k-NN (and linear) accuracy of the architecture at random init, BatchNorm recalibrated."""
     run = build_run(config, device=device)
-    return evaluate(run)
+    return {
+        key.removeprefix("random_init_"): value
+        for key, value in evaluate_baselines(run).items()
+        if key.startswith("random_init_")
+    }
 
 
 def backbone_of(run: Run) -> nn.Module:

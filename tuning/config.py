@@ -50,6 +50,7 @@ DIAGNOSTIC_METRICS: dict[str, Mode] = {
     "teacher_entropy": "min",
     "target_mutual_info": "max",
     "target_mutual_info_norm": "max",
+    "target_cluster_usage": "max",
     "target_effective_clusters": "max",
     "target_entropy": "min",
     "logit_spread": "max",

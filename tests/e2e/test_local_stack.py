@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -58,9 +59,14 @@ def test_up_demo_then_down_leaves_nothing(state_dir: Path) -> None:
     env = clean_env(**{key: str(port) for key, port in ports.items()})
     up = klssl("up", "--state-dir", str(state_dir), "--cpus", "2", "--demo", *DEMO, env=env)
     assert up.returncode == 0, up.stdout + up.stderr
-    accuracy = re.search(r"k-NN top-1 \(k=20\): ([\d.]+)%", up.stdout)
+    accuracy = re.search(
+        r"k-NN top-1 \(k=20\): ([\d.]+)%  \(random init ([\d.]+)%, raw pixels ([\d.]+)%\)",
+        up.stdout,
+    )
+    health = re.search(r"^health: (ok|collapsed at step (\d+))$", up.stdout, re.MULTILINE)
     run_url = re.search(r"MLflow run: (\S+)/#/experiments/(\d+)/runs/(\w+)", up.stdout)
-    assert accuracy and run_url, up.stdout
+    assert accuracy and health and run_url, up.stdout
+    assert "linear top-1: " in up.stdout
 
     info = read_stack_info(state_dir)
     assert info is not None and info.api_url.endswith(str(ports["KLSSL_UP_API_PORT"]))
@@ -69,7 +75,20 @@ def test_up_demo_then_down_leaves_nothing(state_dir: Path) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.params["data.kind"] == "digits"
     assert run.data.metrics["knn_top1"] == pytest.approx(float(accuracy.group(1)), abs=0.006)
+    assert run.data.metrics["random_init_knn_top1"] == pytest.approx(
+        float(accuracy.group(2)), abs=0.006
+    )
     assert run.data.tags["klssl.job_id"].startswith("job-")
+    # One verdict everywhere: the CLI's last lines, the MLflow tag and the REST record.
+    verdict = "ok" if health.group(1) == "ok" else "collapsed"
+    assert run.data.tags["klssl.health"] == verdict
+    job = httpx.get(
+        f"{info.api_url}/v1/jobs/{run.data.tags['klssl.job_id']}",
+        headers={"Authorization": f"Bearer {info.api_token}"},
+        timeout=10,
+    ).json()
+    assert job["progress"]["health"] == verdict
+    assert job["progress"]["collapse_step"] == (None if verdict == "ok" else int(health.group(2)))
 
     again = klssl("up", "--state-dir", str(state_dir), env=env, timeout=60)
     assert again.returncode == 0 and "already running" in again.stderr, again.stderr

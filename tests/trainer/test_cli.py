@@ -28,7 +28,10 @@ def test_train_resume_and_eval_from_the_command_line(tmp_path: Path) -> None:
 
     first = klssl("train", str(config_file), "--output", str(out), "--no-progress", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "k-NN top-1 (k=5):" in first.stdout
+    assert "k-NN top-1 (k=5):" in first.stdout and "(random init " in first.stdout
+    assert "linear top-1:" in first.stdout
+    health = first.stdout.splitlines()[-2]  # the line before "outputs in ..."
+    assert health == "health: ok" or health.startswith("health: collapsed at step "), health
     assert (out / "checkpoints" / "epoch_0001" / "state.pt").exists()
     assert json.loads((out / "config.json").read_text())["schedule"]["epochs"] == 1
 
@@ -55,8 +58,9 @@ def test_train_resume_and_eval_from_the_command_line(tmp_path: Path) -> None:
 
     evaluated = klssl("eval", str(out / "checkpoints" / "epoch_0002"), cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
-    reported = float(evaluated.stdout.split("knn_top1:")[1].split("%")[0])
-    assert abs(reported - results["knn_top1"]) < 0.006  # printed with 2 decimals
+    for metric in ("knn_top1", "linear_top1"):
+        reported = float(evaluated.stdout.split(f"{metric}:")[1].split("%")[0])
+        assert abs(reported - results[metric]) < 0.006  # printed with 2 decimals
 
 
 def test_bad_config_is_rejected_with_field_and_reason(tmp_path: Path) -> None:

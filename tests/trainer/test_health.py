@@ -13,14 +13,17 @@ from trainer.health import (
 )
 from trainer.summary import result_lines
 
-HEALTHY = {"target_mutual_info_norm": 0.4, "logit_spread": 0.08}
-UNIFORM = {"target_mutual_info_norm": 0.003, "logit_spread": 0.006}
-CONSTANT = {"target_mutual_info_norm": 0.3, "logit_spread": 1e-5}
+HEALTHY = {"target_mutual_info_norm": 0.4, "target_cluster_usage": 0.8, "logit_spread": 0.08}
+UNIFORM = {"target_mutual_info_norm": 0.003, "target_cluster_usage": 0.99, "logit_spread": 0.006}
+ONE_CLUSTER = {"target_mutual_info_norm": 0.08, "target_cluster_usage": 0.16, "logit_spread": 0.05}
+"""Measured on the synthetic set with `none`: 1.4 effective clusters of 32."""
+CONSTANT = {"target_mutual_info_norm": 0.3, "target_cluster_usage": 0.8, "logit_spread": 1e-5}
 """Logits equal for every image: whatever the temperature made of them, nothing is left."""
 
 
 @pytest.mark.parametrize(
-    ("metrics", "collapsed"), [(HEALTHY, False), (UNIFORM, True), (CONSTANT, True)]
+    ("metrics", "collapsed"),
+    [(HEALTHY, False), (UNIFORM, True), (ONE_CLUSTER, True), (CONSTANT, True)],
 )
 def test_one_interval_is_collapsed_below_either_floor(
     metrics: dict[str, float], collapsed: bool
