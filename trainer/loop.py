@@ -232,16 +232,6 @@ def run_training(
     return metrics
 
 
-def random_init_knn(config: TrainConfig, device: torch.device | None = None) -> dict[str, float]:
-    """k-NN (and linear) accuracy of the architecture at random init, BatchNorm recalibrated."""
-    run = build_run(config, device=device)
-    return {
-        key.removeprefix("random_init_"): value
-        for key, value in evaluate_baselines(run).items()
-        if key.startswith("random_init_")
-    }
-
-
 def backbone_of(run: Run) -> nn.Module:
     """The backbone to export: the teacher's, which DINO evaluates and ships."""
     return as_network(run.state.teacher).backbone

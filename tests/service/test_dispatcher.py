@@ -139,8 +139,17 @@ def test_progress_and_checkpoints_are_read_from_mlflow(
         "epoch": 1,
         "step": 7,
         "metrics": {"loss": 2.0, "effective_clusters": 12.5, "epoch": 1.0},
+        "health": None,  # the trainer has not judged the run yet
+        "collapse_step": None,
     }
     assert body["checkpoint_uris"] == ["file:///ckpt/epoch_0001"]
+
+    # The trainer's verdict travels as tags (trainer.health.Verdict.tags()).
+    mlflow.set_tag(job.mlflow_run_id, "klssl.health", "collapsed")
+    mlflow.set_tag(job.mlflow_run_id, "klssl.collapse_step", "40")
+    services.dispatcher.run_once()
+    progress = client.get(f"/v1/jobs/{ids[0]}", headers=ALICE).json()["progress"]
+    assert (progress["health"], progress["collapse_step"]) == ("collapsed", 40)
 
 
 def test_a_resubmission_after_a_crash_makes_no_second_ray_job(

@@ -38,7 +38,9 @@ BASE_FIELDS: dict[str, dict[str, Any]] = {
     "model": {"head_layers": 2},
     "schedule": {"epochs": 3, "warmup_epochs": 0},
     "eval": {"knn_k": [5]},
-    "runtime": {"device": "cpu", "log_every_steps": 4},
+    # Every step logged: an epoch has 6 steps, and the health verdict needs 3 collapsed
+    # log intervals in a row, so a collapse from the start is judged within epoch 1.
+    "runtime": {"device": "cpu", "log_every_steps": 1},
 }
 
 
@@ -74,8 +76,9 @@ def children(client: MlflowClient, parent_id: str) -> list[Any]:
 def test_asha_sweep_with_a_collapsing_half(cluster: Any, tmp_path: Path) -> None:
     """4 trials (teacher_temp x prior_momentum), two of them at a temperature that collapses.
 
-    A teacher temperature of 40 makes every teacher output uniform: mutual information
-    0 from the first epoch, which the collapse stopper catches after one epoch. ASHA
+    A teacher temperature of 40 makes every teacher output uniform: the trainer judges
+    the trial collapsed within its first epoch, and the collapse stopper, which follows
+    that verdict, stops it after one epoch. ASHA
     (rung at epoch 2) may stop the worse healthy trial; the first to reach it finishes.
     """
     sweep = validate_sweep(
@@ -86,7 +89,7 @@ def test_asha_sweep_with_a_collapsing_half(cluster: Any, tmp_path: Path) -> None
                 "objective.prior_momentum": {"type": "grid", "values": [0.5, 0.9]},
             },
             "asha": {"grace_period": 2},
-            "collapse": {"grace_epochs": 0, "patience": 1, "threshold": 0.05},
+            "collapse": {"grace_epochs": 0, "patience": 1},  # the trainer's verdict
         }
     )
     assert sweep.objective == ("knn_top1", "max")
@@ -126,6 +129,8 @@ def test_asha_sweep_with_a_collapsing_half(cluster: Any, tmp_path: Path) -> None
             assert float(tags["klssl.stopped_at_epoch"]) == 1.0
             assert run.data.metrics["epoch"] < sweep.epochs  # before its epoch budget
             assert run.data.metrics["mutual_info"] < 0.05
+            assert run.data.metrics["healthy"] == 0.0
+            assert tags["klssl.health"] == "collapsed"
         elif run.info.status == "KILLED":
             assert tags["klssl.stopped"] == "asha"
         else:
