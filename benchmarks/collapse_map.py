@@ -29,7 +29,7 @@ the built splits (`long_tail`): class c keeps a share ``ratio ** (-c / (C - 1))`
     python benchmarks/collapse_map.py --resume                       # finish an interrupted map
     python benchmarks/collapse_map.py --experiment clusters          # 4 x 2 x 2 x 3 = 48 runs
     python benchmarks/collapse_map.py --epochs 1 --seeds 0 --temps 0.04 --batches 16
-        --modes prior none --output /tmp/collapse-smoke              # smoke run
+        --modes prior none --output runs/collapse-smoke              # smoke run
 
 Writes ``collapse_map.json`` / ``.png`` (or ``collapse_map_clusters.*``) under
 ``--output`` (default ``benchmarks/results``), rewritten after every run, and prints a
@@ -116,14 +116,17 @@ class Cell:
     temp: float
     batch: int
     seed: int
-    prior_power: float = 1.0
+    prior_power: float | None = None
+    """Overrides the base's ``objective.prior_power`` when set (clusters experiment)."""
     clusters: int | None = None
     imbalance: float = 1.0
 
     @property
     def arm(self) -> str:
-        """The method: the mode, with its prior power when it has one."""
-        return f"prior a={self.prior_power:g}" if self.mode == "prior" else self.mode
+        """The method: the mode, with its prior power where the experiment varies it."""
+        if self.mode == "prior" and self.prior_power is not None:
+            return f"prior a={self.prior_power:g}"
+        return self.mode
 
     @property
     def label(self) -> str:
@@ -139,10 +142,11 @@ class Cell:
             f"objective.mode={self.mode}",
             f"objective.teacher_temp={self.temp}",
             f"objective.warmup_teacher_temp={self.temp}",
-            f"objective.prior_power={self.prior_power}",
             f"data.batch_size={self.batch}",
             f"runtime.seed={self.seed}",
         ]
+        if self.prior_power is not None:
+            overrides.append(f"objective.prior_power={self.prior_power}")
         if self.clusters is not None:
             overrides.append(f"objective.num_clusters={self.clusters}")
         return validate_config(apply_overrides(base, overrides), self.label)
@@ -169,7 +173,7 @@ def cells_of(args: argparse.Namespace, base: dict[str, Any]) -> list[Cell]:
     for imbalance in args.imbalance:
         for clusters in args.clusters_k:
             for mode in args.modes or CLUSTER_MODES:
-                powers = args.prior_powers if mode == "prior" else [1.0]
+                powers: list[float | None] = list(args.prior_powers) if mode == "prior" else [None]
                 for power in powers:
                     for temp in temps:
                         for batch in batches:
@@ -286,11 +290,19 @@ def run_cell(cell: Cell, base: dict[str, Any]) -> dict[str, Any]:
     if cell.imbalance != 1:
         run = long_tail(run, cell.imbalance)
     counter = IntervalCounter()
-    final = run_training(run, counter)
+    diverged: str | None
+    try:
+        final = run_training(run, counter)
+    except FloatingPointError as error:
+        # A non-finite loss is a result of the cell, not a reason to stop the map.
+        final, diverged = {}, str(error)
+    else:
+        diverged = None
     verdict = run.state.health.verdict
     record: dict[str, Any] = dataclasses.asdict(cell) | {
         "arm": cell.arm,
-        "health": verdict.health,
+        "health": "diverged" if diverged else verdict.health,
+        "error": diverged,
         "collapse_step": verdict.since_step,
         "collapsed_interval_share": counter.collapsed / max(counter.intervals, 1),
         "steps": run.state.step,
@@ -299,6 +311,7 @@ def run_cell(cell: Cell, base: dict[str, Any]) -> dict[str, Any]:
     }
     for key in (
         "target_mutual_info_norm",
+        "target_cluster_usage",
         "logit_spread",
         "effective_clusters",
         "target_effective_clusters",
@@ -306,7 +319,7 @@ def run_cell(cell: Cell, base: dict[str, Any]) -> dict[str, Any]:
         "epoch_loss",
     ):
         record[key] = final.get(key)
-    if cell.clusters is not None:
+    if cell.clusters is not None and not diverged:
         record |= cluster_scores(run)
     return record
 
@@ -342,7 +355,8 @@ def map_cells(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (mode, batch, temp), records in sorted(
         groups.items(), key=lambda item: (MODES.index(item[0][0]), item[0][1], item[0][2])
     ):
-        collapsed = sum(r["health"] == "collapsed" for r in records)
+        # A diverged run (non-finite loss) counts as not ok, like a collapsed one.
+        collapsed = sum(r["health"] != "ok" for r in records)
         cells.append(
             {
                 "mode": mode,
@@ -350,10 +364,12 @@ def map_cells(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "temp": temp,
                 "seeds": len(records),
                 "collapsed": collapsed,
+                "diverged": sum(r["health"] == "diverged" for r in records),
                 "collapsed_share": collapsed / len(records),
                 "majority_ok": len(records) - collapsed > len(records) / 2,
                 "logit_spread": mean([r["logit_spread"] for r in records]),
                 "target_mutual_info_norm": mean([r["target_mutual_info_norm"] for r in records]),
+                "target_cluster_usage": mean([r.get("target_cluster_usage") for r in records]),
                 "knn_top1": mean([r["knn_top1"] for r in records]),
                 "knn_top1_std": std([r["knn_top1"] for r in records]),
             }
@@ -440,11 +456,11 @@ def cluster_summary(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "clusters": clusters,
             "arm": arm,
             "seeds": len(records),
-            "collapsed": sum(r["health"] == "collapsed" for r in records),
+            "collapsed": sum(r["health"] != "ok" for r in records),
         }
         for measure in keys:
-            row[measure] = mean([r[measure] for r in records])
-            row[f"{measure}_std"] = std([r[measure] for r in records])
+            row[measure] = mean([r.get(measure) for r in records])
+            row[f"{measure}_std"] = std([r.get(measure) for r in records])
         summary.append(row)
     return summary
 
@@ -461,7 +477,7 @@ def cluster_table(summary: Sequence[dict[str, Any]]) -> str:
         "NMI (head)",
         "ARI (head)",
         "k-NN",
-        "collapsed",
+        "not ok",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in summary:
@@ -506,9 +522,10 @@ def plot_map(cells: Sequence[dict[str, Any]], title: str, path: Path) -> None:
     figure, axes = plt.subplots(
         len(modes),
         len(batches),
-        figsize=(1.5 + 1.25 * len(temps) * len(batches), 0.9 + 1.0 * len(modes)),
+        figsize=(1.5 + 1.25 * len(temps) * len(batches), 1.2 + 1.0 * len(modes)),
         dpi=100,
         squeeze=False,
+        layout="constrained",
     )
     image = None
     for row, mode in enumerate(modes):
@@ -537,7 +554,7 @@ def plot_map(cells: Sequence[dict[str, Any]], title: str, path: Path) -> None:
     if image is not None:
         figure.colorbar(image, ax=axes, shrink=0.8, label="share of seeds collapsed")
     figure.suptitle(title, fontsize=9)
-    figure.savefig(path, bbox_inches="tight")
+    figure.savefig(path)
     plt.close(figure)
 
 
@@ -633,7 +650,7 @@ def main() -> None:
     parser.add_argument("--temps", type=float, nargs="+", help=f"default {list(MAP_TEMPS)} (map)")
     parser.add_argument("--batches", type=int, nargs="+", help=f"default {list(MAP_BATCHES)} (map)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, help="per run; default 2 (map), 5 (clusters)")
     parser.add_argument("--prior-powers", type=float, nargs="+", default=[0.5, 1.0])
     parser.add_argument("--clusters-k", type=int, nargs="+", default=[10, 64])
     parser.add_argument(
@@ -651,6 +668,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="skip runs already in the JSON")
     parser.add_argument("--fresh", action="store_true", help="discard the JSON's finished runs")
     args = parser.parse_args()
+    if args.epochs is None:
+        # The map asks whether a run collapses early; recovering clusters needs longer.
+        args.epochs = 2 if args.experiment == "map" else 5
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
     name = args.name or ("collapse_map" if args.experiment == "map" else "collapse_map_clusters")
