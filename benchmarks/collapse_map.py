@@ -54,6 +54,9 @@ from typing import Any
 import numpy as np
 import torch
 
+# benchmarks/ is not a package: running this file puts its folder first on sys.path.
+from reports import write_json
+
 from trainer.config import TrainConfig, apply_overrides, read_config_file, validate_config
 from trainer.data import DataSplits, ImageFiles, TensorImages, make_eval_loader, make_train_loader
 from trainer.health import CollapseRule
@@ -599,13 +602,6 @@ def plot_clusters(summary: Sequence[dict[str, Any]], title: str, path: Path) -> 
 
 
 # --- main ---------------------------------------------------------------------------------
-
-
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    """Write atomically, so an interrupted run never leaves half a report."""
-    partial = path.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(report, indent=1))
-    os.replace(partial, path)
 
 
 def load_previous(path: Path, settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

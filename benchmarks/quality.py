@@ -56,6 +56,7 @@ import torch
 
 # benchmarks/ is not a package: running this file puts its folder first on sys.path, so
 # the sibling script is importable as a module (it imports Ray; that only costs seconds).
+from reports import write_json
 from sweep_modes import ARCHIVE, ensure_data
 
 from trainer.config import TrainConfig, apply_overrides, validate_config
@@ -495,13 +496,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
-
-
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    """Write atomically, so an interrupted run never leaves half a report."""
-    partial = path.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(report, indent=1))
-    os.replace(partial, path)
 
 
 def load_previous(path: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
