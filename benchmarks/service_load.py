@@ -64,7 +64,6 @@ STATUS_ROUTE = "/v1/jobs/{job_id}"
 BASE_CONFIG = REPO / "configs" / "digits-demo.yaml"
 OVERRIDES = [
     "name=bench-service-load",
-    "model.backbone_kwargs={depth: 1}",
     "model.head_hidden_dim=32",
     "model.head_bottleneck_dim=16",
     "objective.num_clusters=32",
@@ -481,6 +480,12 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _portable(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it, else as given."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--submissions", type=int, default=50)
@@ -519,7 +524,8 @@ def main() -> int:
                 "python": platform.python_version(),
             },
             "params": {
-                **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                # Paths inside the repository are recorded relative to it (no machine's paths).
+                **{k: _portable(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "config": str(BASE_CONFIG.relative_to(REPO)),
                 "overrides": OVERRIDES,
             },

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
 
     Lists and mappings are given as JSON, e.g.
     ``KLSSL_API_TOKENS='{"s3cret-token": "alice"}'`` and
-    ``KLSSL_ALLOWED_DATA_ROOTS='["/data", "/work/shared/data"]'``.
+    ``KLSSL_ALLOWED_DATA_ROOTS='["/data", "/mnt/datasets"]'``.
     """
 
     model_config = SettingsConfigDict(env_prefix="KLSSL_", extra="ignore")

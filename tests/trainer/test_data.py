@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -27,7 +28,11 @@ from trainer.data import (
     make_train_loader,
 )
 
-CIFAR_JPEG_TARBALL = Path("/work/shared/data/cifar10-jpeg/train.tar.gz")
+# The shared data beside the checkout (../shared/data), or wherever KLSSL_TEST_DATA says.
+TEST_DATA = Path(
+    os.environ.get("KLSSL_TEST_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
+)
+CIFAR_JPEG_TARBALL = TEST_DATA / "cifar10-jpeg" / "train.tar.gz"
 
 
 def labels_of(dataset: TensorImages | ImageFiles) -> list[int]:
