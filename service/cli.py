@@ -108,8 +108,8 @@ def health_text(progress: dict[str, Any]) -> str:
 
 def print_result(job: dict[str, Any]) -> None:
     """A finished job's quality beside its baselines, and its health verdict."""
-    knn_k = job["config"]["eval"]["knn_k"][0] if job["config"].get("eval") else 20
-    for line in result_lines(job["progress"]["metrics"], knn_k):
+    # The stored config is the validated TrainConfig: its eval section is always there.
+    for line in result_lines(job["progress"]["metrics"], job["config"]["eval"]["knn_k"][0]):
         typer.echo(line)
 
 

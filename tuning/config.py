@@ -153,7 +153,7 @@ class CollapseConfig(_Strict):
     metric: Literal["healthy", "mutual_info", "effective_clusters"] = Field(
         "healthy",
         description="healthy: the trainer's own verdict (trainer.health: normalised target "
-        "mutual information and logit spread, independent of the temperature), the rule "
+        "mutual information, target cluster usage and logit spread), the rule "
         "behind every run's klssl.health; mutual_info or effective_clusters: that raw "
         "teacher metric below `threshold`.",
     )

@@ -3,8 +3,9 @@
 A collapsed run wastes the rest of its budget: its targets no longer depend on the
 image (every image in one cluster, or every image the same, often uniform,
 distribution). By default a trial is judged by the trainer's own verdict, the
-``healthy`` metric of `trainer.health` (normalised target mutual information and the
-temperature-free logit spread, the rule behind every run's ``klssl.health`` tag), so a
+``healthy`` metric of `trainer.health` (normalised target mutual information, target
+cluster usage and the temperature-free logit spread, the rule behind every run's
+``klssl.health`` tag), so a
 sweep and a single run never disagree about a collapse. The raw teacher metrics
 ``mutual_info`` or ``effective_clusters`` below a threshold remain as alternatives.
 
