@@ -2,7 +2,7 @@
 
 Both sides run the production loop (`build_run` + `run_training`) on the same config,
 data, model and batch, in one invocation of this script; the Ray side is the real
-per-worker function of `trainer.launch` (DDP wrapper, per-epoch ``ray.train.report``
+per-worker function of `trainer.distributed` (DDP wrapper, per-epoch ``ray.train.report``
 barrier, distributed sampler, MLflow off). Throughput is measured between the end of
 the first epoch (warm-up: worker start, allocator, first batches) and the end of the
 last, with the same number of torch threads on both sides. The two sides alternate
@@ -34,8 +34,8 @@ from typing import Any
 import cloudpickle
 import torch
 
-import trainer.launch as launch
 from trainer.config import TrainConfig, validate_config
+from trainer.distributed import environment, launcher, worker
 from trainer.engine import TrainingState
 from trainer.loop import Run, build_run, run_training
 
@@ -115,12 +115,12 @@ def bare(config: TrainConfig, clock_file: str) -> dict[str, Any]:
 
 def with_ray(config: TrainConfig, workers: int, clock_file: str, storage: str) -> dict[str, Any]:
     def loop(loop_config: dict[str, Any]) -> dict[str, Any]:
-        return launch.worker_main(
-            launch.WorkerSetup.model_validate(loop_config),
+        return worker.worker_main(
+            worker.WorkerSetup.model_validate(loop_config),
             extra_hooks=lambda run: [EpochClock(run, clock_file)],
         )
 
-    launch.launch_training(config, workers=workers, storage_path=storage, train_loop=loop)
+    launcher.launch_training(config, workers=workers, storage_path=storage, train_loop=loop)
     return dict(json.loads(Path(clock_file).read_text()))
 
 
@@ -140,7 +140,7 @@ def main() -> None:
     threads = max(1, args.threads // args.workers)
     config = bench_config(args.epochs, threads, args.max_samples)
     torch.set_num_threads(args.threads)
-    launch.connect_ray(num_cpus=args.threads)
+    environment.connect_ray(num_cpus=args.threads)
     samples: dict[str, list[float]] = {"bare": [], "ray": []}
     loads: list[float] = []
     threads_seen = {}

@@ -1,6 +1,6 @@
 """Load benchmark of the control plane: concurrent submissions, status polling, cancelling.
 
-Starts its own local stack (`service.stack.LocalStack`, what ``klssl up`` runs) on free
+Starts its own local stack (`service.localstack.stack.LocalStack`, what ``klssl up`` runs) on free
 loopback ports: a Ray head (token authentication, 2 CPUs, lower CPU priority), an MLflow
 tracking server (SQLite backend) and the API under uvicorn with
 ``KLSSL_MAX_CONCURRENT_JOBS=1``. Then:
@@ -52,7 +52,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.stack import LocalStack, StackInfo, StackOptions
+from service.localstack.stack import LocalStack, StackInfo, StackOptions
 from trainer.config import apply_overrides, read_config_file, validate_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import trainer.launch  # noqa: F401  (prepares Ray's environment before ray loads)
-
 # isort: split
 import torch
 

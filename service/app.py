@@ -18,13 +18,12 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import health, router
 from service.deps import Services
 from service.dispatcher import Dispatcher
 from service.ray_jobs import RayJobs, RayJobsClient
+from service.routes import health, jobs, sweeps
 from service.settings import Settings
 from service.store import JobStore
-from service.sweeps_api import router as sweeps_router
 from service.tracking import Tracking
 
 log = logging.getLogger(__name__)
@@ -137,9 +136,9 @@ def create_app(
         """Prometheus metrics: jobs by state, request latency."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(health)
-    app.include_router(router)
-    app.include_router(sweeps_router)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(sweeps.router)
     return app
 
 

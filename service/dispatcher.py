@@ -15,12 +15,11 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+from service.job_kinds import KINDS, kind_of_job
 from service.ray_jobs import (
     RayJobNotFoundError,
     RayJobsClient,
     RayUnavailableError,
-    dump_config,
-    entrypoint_args,
     job_environment,
 )
 from service.settings import Settings
@@ -90,11 +89,10 @@ class Dispatcher:
 
     def _submit(self, job: Job) -> None:
         sid = submission_id(job.id)
-        assert job.mlflow_run_id is not None
         self.ray.submit(
             sid,
-            config_json=dump_config(job.config),
-            args=entrypoint_args(job.id, job.mlflow_run_id, JobKind(job.kind)),
+            module=KINDS[JobKind(job.kind)].module,
+            spec_json=job.spec.to_json(),
             env=job_environment(self.settings),
         )
         recorded = self.store.transition(job.id, JobState.PENDING, ray_submission_id=sid)
@@ -137,11 +135,8 @@ class Dispatcher:
         if job.mlflow_run_id is None or not self.mlflow_reachable:
             return
         try:
-            if job.kind == JobKind.SWEEP:
-                metric, mode = job.config["metric"], job.config["mode"]
-                progress = self.tracking.sweep_progress(job.mlflow_run_id, metric, mode)
-            else:
-                progress = self.tracking.progress(job.mlflow_run_id)
+            info = kind_of_job(job)
+            progress = info.progress(self.tracking, job.mlflow_run_id, job.config)
         except Exception as error:  # MLflow down: progress waits, states do not
             log.warning("no progress for %s from MLflow: %s", job.id, error)
             return
@@ -164,7 +159,9 @@ class Dispatcher:
                 if uris:
                     fields["checkpoint_uris"] = uris
                 self.tracking.terminate(
-                    job.mlflow_run_id, MLFLOW_FINAL[state], children=job.kind == JobKind.SWEEP
+                    job.mlflow_run_id,
+                    MLFLOW_FINAL[state],
+                    children=kind_of_job(job).has_child_runs,
                 )
             except Exception as err:
                 log.warning("could not finish MLflow run of %s: %s", job.id, err)

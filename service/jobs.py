@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from service.job_kinds import kind_of, kind_of_job
 from service.ray_jobs import RayJobNotFoundError, RayJobsClient
 from service.settings import Settings
 from service.store import (
     IdempotencyConflictError,
     Job,
-    JobKind,
     JobState,
     JobStore,
     new_job_id,
@@ -26,19 +26,23 @@ from service.store import (
 )
 from service.tracking import Tracking
 from trainer.config import TrainConfig
+from trainer.mlflow_names import JOB_ID_TAG, OWNER_TAG
+from trainer.preflight import PreflightError, preflight
 from tuning.config import SweepConfig
-from tuning.report import ROLE_TAG, SWEEP_ID_TAG
 
 log = logging.getLogger(__name__)
 
 
 class InvalidJobError(ValueError):
-    """A request that is valid JSON but not an acceptable job (a 422)."""
+    """A request that is valid JSON but not an acceptable job (a 422).
 
-    def __init__(self, loc: tuple[str, ...], message: str) -> None:
-        super().__init__(f"{'.'.join(loc)}: {message}")
-        self.loc = loc
-        self.message = message
+    ``problems`` are ``(loc, message)`` pairs, ``loc`` as FastAPI's validation errors
+    spell it (``("body", "config", "data", "path")``).
+    """
+
+    def __init__(self, problems: Sequence[tuple[tuple[str, ...], str]]) -> None:
+        super().__init__("; ".join(f"{'.'.join(loc)}: {message}" for loc, message in problems))
+        self.problems = list(problems)
 
 
 class JobFinishedError(RuntimeError):
@@ -53,38 +57,21 @@ class Accepted:
     replayed: bool
 
 
-def check_data_path(
-    config: TrainConfig, roots: list[Path], loc_prefix: tuple[str, ...] = ("body", "config")
-) -> TrainConfig:
-    """The config with ``data.path`` resolved (symlinks too), inside an allowed root.
+def checked(config: TrainConfig | SweepConfig, roots: list[Path]) -> TrainConfig | SweepConfig:
+    """The config (or the sweep's base) after `trainer.preflight`: paths resolved inside
+    the allowed roots and present, the backbone known to timm.
 
     Raises:
-        InvalidJobError: the path escapes every allowed root (or none is configured).
+        InvalidJobError: every problem, located in the request body.
     """
-    path = config.data.path
-    if path is None:
-        return config
-    loc = (*loc_prefix, "data", "path")
+    info = kind_of(config)
     try:
-        resolved = path.expanduser().resolve(strict=True)
-    except OSError as error:
-        raise InvalidJobError(loc, f"dataset path {str(path)!r} cannot be read: {error}") from None
-    for root in roots:
-        if resolved.is_relative_to(root.expanduser().resolve()):
-            data = config.data.model_copy(update={"path": resolved})
-            return config.model_copy(update={"data": data})
-    allowed = ", ".join(str(root) for root in roots) or "none configured"
-    raise InvalidJobError(
-        loc, f"dataset path {str(path)!r} resolves outside the allowed data roots ({allowed})"
-    )
-
-
-def checked(config: TrainConfig | SweepConfig, roots: list[Path]) -> TrainConfig | SweepConfig:
-    """The training config, or the sweep's base config, with its dataset path checked."""
-    if isinstance(config, TrainConfig):
-        return check_data_path(config, roots)
-    base = check_data_path(config.base, roots, ("body", "config", "base"))
-    return config.model_copy(update={"base": base})
+        ready = preflight(info.base(config), allowed_roots=roots)
+    except PreflightError as error:
+        raise InvalidJobError(
+            [((*info.base_loc, *field.split(".")), reason) for field, reason in error.fields]
+        ) from None
+    return info.with_base(config, ready)
 
 
 def submit_job(
@@ -107,22 +94,30 @@ def submit_job(
         if existing is not None:
             return Accepted(existing, replayed=True)
     config = checked(config, settings.allowed_data_roots)
+    info = kind_of(config)
     job_id = new_job_id()
-    run_tags = {**tags, "klssl.job_id": job_id, "klssl.owner": owner}
-    if isinstance(config, SweepConfig):
-        kind, run_config = JobKind.SWEEP, config.trial_base()
-        run_tags |= {SWEEP_ID_TAG: job_id, ROLE_TAG: "sweep"}
-    else:
-        kind, run_config = JobKind.TRAIN, config
-    run_id, experiment_id = tracking.create_run(run_config, job_id=job_id, tags=run_tags)
+    run_tags = {**tags, JOB_ID_TAG: job_id, OWNER_TAG: owner}
+    run_tags |= info.run_tags(job_id)
+    run_id, experiment_id = tracking.create_run(
+        info.run_config(config), job_id=job_id, tags=run_tags
+    )
+    spec = info.spec_type.model_validate(
+        {
+            "config": config,
+            "job_id": job_id,
+            "owner": owner,
+            "mlflow_run_id": run_id,
+            "storage_path": settings.resolved_storage_path(),
+        }
+    )
     now = utcnow()
     job = Job(
         id=job_id,
-        kind=kind.value,
-        name=name or (config.sweep_name if isinstance(config, SweepConfig) else config.name),
+        kind=info.kind.value,
+        name=name or info.name(config),
         owner=owner,
         idempotency_key=idempotency_key,
-        config=config.model_dump(mode="json"),
+        spec=spec,
         tags=tags,
         state=JobState.QUEUED.value,
         created_at=now,
@@ -165,12 +160,9 @@ def cancel_job(store: JobStore, ray: RayJobsClient, tracking: Tracking, job: Job
     cancelled = store.transition(job.id, JobState.CANCELLED, error="cancelled by the user")
     if job.mlflow_run_id is not None:
         try:
-            tracking.terminate(job.mlflow_run_id, "KILLED", children=job.kind == JobKind.SWEEP)
+            tracking.terminate(
+                job.mlflow_run_id, "KILLED", children=kind_of_job(job).has_child_runs
+            )
         except Exception as error:  # the record is what counts; MLflow catches up later
             log.warning("could not close MLflow run %s: %s", job.mlflow_run_id, error)
     return cancelled
-
-
-def describe_tags(job: Job) -> dict[str, Any]:
-    """Tags of the record (a plain dict for responses)."""
-    return dict(job.tags or {})

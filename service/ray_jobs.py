@@ -1,10 +1,12 @@
 """The cluster side: Ray's Jobs API (submit, status, logs, stop) behind a small interface.
 
 The service never spawns training processes itself: each job is one Ray job whose
-entrypoint is ``<python> -m trainer.run config.json ...``. The config travels as the
-job's ``working_dir`` (Ray uploads it to the cluster), so the head node needs no shared
-filesystem with the service. The submission id is derived from the job id, so a retried
-submission can never start a second Ray job.
+entrypoint is ``<python> -m trainer.run --spec spec.json`` (``tuning.run`` for a sweep).
+The job's spec (`service.job_kinds.JobSpec`) is its only input: it travels as the job's
+``working_dir`` (Ray uploads it to the cluster), so the head node needs no shared
+filesystem with the service. The environment carries only the deployment's settings
+(where MLflow is, the allowed data roots, Ray's token). The submission id is derived
+from the job id, so a retried submission can never start a second Ray job.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from service.settings import Settings
-from service.store import JobKind, JobState
+from service.store import JobState
+from trainer.preflight import ALLOWED_ROOTS_ENV_VAR
+from trainer.spec import SPEC_FILE
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
-
-CONFIG_FILE = "config.json"
 
 # Ray's JobStatus -> ours. STOPPED is what `stop_job` leads to.
 RAY_STATES = {
@@ -60,9 +62,9 @@ class RayJobsClient(Protocol):
         """Raise `RayUnavailableError` when the Jobs API does not answer."""
 
     def submit(
-        self, submission_id: str, *, config_json: str, args: list[str], env: dict[str, str]
+        self, submission_id: str, *, module: str, spec_json: str, env: dict[str, str]
     ) -> None:
-        """Start ``python ARGS`` with ``config_json`` as its config file (see `entrypoint_args`).
+        """Start ``python -m MODULE --spec spec.json`` with ``spec_json`` as that file.
 
         A no-op when ``submission_id`` already exists.
         """
@@ -77,33 +79,18 @@ class RayJobsClient(Protocol):
         """Ask Ray to stop the job."""
 
 
-def entrypoint_args(job_id: str, mlflow_run_id: str, kind: JobKind = JobKind.TRAIN) -> list[str]:
-    """The Python arguments of a job's driver: ``-m trainer.run`` or ``-m tuning.run``.
-
-    The job id names the Ray Train run (or the Tune experiment of a sweep), so a driver
-    that Ray restarts resumes the same run instead of starting another.
-    """
-    if kind is JobKind.SWEEP:
-        return [
-            "-m", "tuning.run", CONFIG_FILE,
-            "--sweep-id", job_id,
-            "--mlflow-run-id", mlflow_run_id,
-            "--output", "runs",
-        ]  # fmt: skip
-    return [
-        "-m", "trainer.run", CONFIG_FILE,
-        "--run-name", job_id,
-        "--mlflow-run-id", mlflow_run_id,
-        "--tag", f"klssl.job_id={job_id}",
-        "--output", "runs",
-    ]  # fmt: skip
+def entrypoint_args(module: str) -> list[str]:
+    """The Python arguments of a job's driver: ``-m MODULE --spec spec.json``."""
+    return ["-m", module, "--spec", SPEC_FILE, "--output", "runs"]
 
 
 def job_environment(settings: Settings) -> dict[str, str]:
     """Environment of every job: where to track, where to checkpoint, how to join Ray."""
+    roots = [str(root.expanduser().resolve()) for root in settings.allowed_data_roots]
     env = {
         "KLSSL_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
-        "KLSSL_STORAGE_PATH": settings.resolved_storage_path(),
+        # Every worker confines the job's data paths again (trainer.preflight).
+        ALLOWED_ROOTS_ENV_VAR: json.dumps(roots),
         **settings.job_env,
     }
     if settings.ray_auth_token is not None and settings.pass_ray_token_to_jobs:
@@ -167,11 +154,11 @@ class RayJobs:
             raise RayUnavailableError(f"Ray at {self.address}: {error}") from None
 
     def submit(
-        self, submission_id: str, *, config_json: str, args: list[str], env: dict[str, str]
+        self, submission_id: str, *, module: str, spec_json: str, env: dict[str, str]
     ) -> None:
-        entrypoint = shlex.join([self.python, *args])
+        entrypoint = shlex.join([self.python, *entrypoint_args(module)])
         with tempfile.TemporaryDirectory(prefix="klssl-job-") as tmp:
-            (Path(tmp) / CONFIG_FILE).write_text(config_json)
+            (Path(tmp) / SPEC_FILE).write_text(spec_json)
             try:
                 self._call(
                     "submit_job",
@@ -194,8 +181,3 @@ class RayJobs:
 
     def stop(self, submission_id: str) -> None:
         self._call("stop_job", submission_id)
-
-
-def dump_config(config: dict[str, Any]) -> str:
-    """The JSON a job receives as its config file."""
-    return json.dumps(config, indent=2)

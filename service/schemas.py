@@ -87,7 +87,7 @@ class JobOut(BaseModel):
             name=job.name,
             owner=job.owner,
             state=job.job_state,
-            config=job.config,
+            config=job.config.model_dump(mode="json"),
             tags=dict(job.tags or {}),
             created_at=utc(job.created_at),
             updated_at=utc(job.updated_at),
@@ -185,7 +185,8 @@ class SweepOut(JobOut):
     @classmethod
     def of_sweep(cls, job: Job, settings: Settings, trials: list[TrialRecord]) -> SweepOut:
         """The response body of a sweep record and its trials."""
-        metric, mode = str(job.config["metric"]), str(job.config["mode"])
+        assert isinstance(job.config, SweepConfig)
+        metric, mode = job.config.objective
         best = best_trial(trials, metric, mode)
         return cls(
             **JobOut.of(job, settings).model_dump(),

@@ -33,6 +33,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+from trainer.config import TrainConfig
+from trainer.spec import TrainJobSpec
+from tuning.config import SweepConfig
+from tuning.spec import SweepJobSpec
+
+StoredSpec = TrainJobSpec | SweepJobSpec
 
 
 class JobState(enum.StrEnum):
@@ -72,6 +80,21 @@ def new_job_id() -> str:
     return f"job-{uuid.uuid4().hex[:16]}"
 
 
+class SpecColumn(TypeDecorator[StoredSpec]):
+    """A job's spec: JSON in the database, the typed `service.job_kinds.JobSpec` in Python."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: StoredSpec | None, dialect: Any) -> Any:
+        return None if value is None else value.model_dump(mode="json")
+
+    def process_result_value(self, value: Any, dialect: Any) -> StoredSpec | None:
+        from service.job_kinds import parse_spec  # the table of kinds imports this module
+
+        return None if value is None else parse_spec(value)
+
+
 class Base(DeclarativeBase):
     """Declarative base of the service tables."""
 
@@ -89,7 +112,7 @@ class Job(Base):
     )
     owner: Mapped[str] = mapped_column(String(128), index=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    spec: Mapped[StoredSpec] = mapped_column(SpecColumn)
     tags: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     state: Mapped[str] = mapped_column(String(16), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -107,6 +130,11 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     checkpoint_uris: Mapped[list[str]] = mapped_column(JSON, default=list)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    @property
+    def config(self) -> TrainConfig | SweepConfig:
+        """The job's validated config: a TrainConfig, or a SweepConfig for a sweep."""
+        return self.spec.config
 
     @property
     def job_state(self) -> JobState:
@@ -158,6 +186,18 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+def migrate_down(engine: Engine, revision: str) -> None:
+    """Undo the Alembic migrations on ``engine`` down to ``revision`` (a rollback)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
 
 
 class JobStore:
@@ -276,11 +316,3 @@ class JobStore:
             job.updated_at = now
             session.commit()
             return job
-
-    def delete(self, job_id: str) -> None:
-        """Remove a record (only to undo a half-created job)."""
-        with self._sessions() as session:
-            job = session.get(Job, job_id)
-            if job is not None:
-                session.delete(job)
-                session.commit()

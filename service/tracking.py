@@ -17,15 +17,18 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from trainer.config import TrainConfig
-from trainer.health import COLLAPSE_STEP_TAG, HEALTH_TAG
+from trainer.mlflow_names import (
+    CHECKPOINTS_ARTIFACT,
+    COLLAPSE_STEP_TAG,
+    HEALTH_TAG,
+    LATEST_CHECKPOINT_TAG,
+)
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
     from tuning.report import TrialRecord
 
-CHECKPOINTS_ARTIFACT = "checkpoints/checkpoints.json"
-LATEST_CHECKPOINT_TAG = "klssl.latest_checkpoint"
 STEP_METRIC = "loss"
 
 

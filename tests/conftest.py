@@ -14,6 +14,9 @@ import pytest
 
 from tests.factories import tiny_config
 from trainer.config import TrainConfig
+from trainer.distributed.environment import ensure_ray_env
+
+ensure_ray_env()  # what every entry point does before Ray starts
 
 
 @pytest.fixture

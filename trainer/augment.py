@@ -1,6 +1,6 @@
 """Multi-crop views: DINO's augmentation recipe on uint8 image tensors.
 
-`MultiCropAugmentation` turns one image into the views of DESIGN.md section 1: the
+`MultiCropAugmentation` turns one image into the views of docs/design.md section 1.1: the
 global (teacher) views first, then the smaller local crops. The recipe and its
 probabilities are DINO's (``DataAugmentationDINO`` in main_dino.py):
 

@@ -1,6 +1,6 @@
 """Datasets, their train / held-out split, and the loaders that turn them into views.
 
-Four built-in kinds (DESIGN.md section 5), none of which downloads anything:
+Four built-in kinds (docs/design.md section 3.1), none of which downloads anything:
 
 - ``digits``: scikit-learn's shipped 8x8 digits, grey replicated to RGB (kept at 8x8;
   the crops upscale).

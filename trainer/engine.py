@@ -115,7 +115,7 @@ def train_step(
 ) -> StepResult:
     """One optimisation step on a batch of multi-crop views.
 
-    Order within the step (DESIGN.md section 1): teacher forward -> statistics update
+    Order within the step (docs/design.md section 1.5): teacher forward -> statistics update
     with this global batch -> targets -> loss (``statistics_order='previous'`` takes the
     targets before the update, as DINO does) -> student update -> teacher EMA.
 

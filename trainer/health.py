@@ -26,12 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from trainer.mlflow_names import COLLAPSE_STEP_TAG, HEALTH_TAG
+
 Health = Literal["ok", "collapsed"]
 
-HEALTH_TAG = "klssl.health"
-"""MLflow tag of the verdict: ``ok`` or ``collapsed``."""
-COLLAPSE_STEP_TAG = "klssl.collapse_step"
-"""MLflow tag of the step at which the current collapse started (absent when ok)."""
 HEALTHY_METRIC = "healthy"
 """Metric logged with the diagnostics: 1 while the verdict is ok, 0 while collapsed."""
 COLLAPSE_STEP_METRIC = "collapse_step"

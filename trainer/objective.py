@@ -1,6 +1,6 @@
 """The KL clustering objective as pure functions (no I/O, no torch.distributed).
 
-Notation of DESIGN.md section 1: teacher logits t and student logits s over K clusters,
+Notation of docs/design.md section 1: teacher logits t and student logits s over K clusters,
 teacher temperature tau_t, student temperature tau_s, cluster prior pi, center c.
 
 - `teacher_targets` turns teacher logits into the target distribution Q of one mode:

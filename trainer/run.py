@@ -1,7 +1,9 @@
-"""``python -m trainer.run CONFIG``: the entry point of a training job on Ray.
+"""``python -m trainer.run --spec FILE`` or ``CONFIG``: the entry point of a training job.
 
-This is what the service submits through the Ray Jobs API, and what a user runs by hand
-for a multi-worker job. It connects to ``RAY_ADDRESS`` when set (with the cluster's
+The service submits ``--spec spec.json`` (a `trainer.spec.TrainJobSpec`: the config, the
+job id that names the Ray Train run, the MLflow run, the storage, the registration)
+through the Ray Jobs API; a user runs ``CONFIG`` with options by hand for a multi-worker
+job. It connects to ``RAY_ADDRESS`` when set (with the cluster's
 token from ``RAY_AUTH_TOKEN``), otherwise starts a local Ray; it tracks into
 ``KLSSL_MLFLOW_TRACKING_URI`` / ``MLFLOW_TRACKING_URI``, otherwise into a SQLite store
 under ``--output``; checkpoints go to ``--storage-path``, ``KLSSL_STORAGE_PATH`` or
@@ -14,7 +16,6 @@ Exit codes: 0 done, 1 training failed, 2 invalid config, 3 the run could not sta
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -22,9 +23,14 @@ import typer
 from rich.console import Console
 
 from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.distributed.storage import default_storage_path
+from trainer.mlflow_names import JOB_ID_TAG, OWNER_TAG
+from trainer.spec import TrainJobSpec, read_spec_file
 
 if TYPE_CHECKING:
-    from trainer.launch import LaunchResult
+    from trainer.distributed.launcher import LaunchResult
+
+__all__ = ["app", "default_storage_path", "launch_or_exit"]
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
@@ -42,18 +48,20 @@ def _parse_tags(pairs: list[str]) -> dict[str, str]:
     return tags
 
 
-def default_storage_path(output: Path) -> str:
-    """``KLSSL_STORAGE_PATH``, else ``<output>/ray`` (absolute: Ray workers run elsewhere)."""
-    return os.environ.get("KLSSL_STORAGE_PATH") or str(output.resolve() / "ray")
-
-
 def launch_or_exit(config: TrainConfig, **launch_options: Any) -> LaunchResult:
     """`launch_training`, turning its failures into a message and this module's exit codes."""
-    # The launch module prepares Ray's environment, so it is imported before Ray is.
-    from trainer.launch import LaunchError, TrainingFailedError, launch_training
+    from trainer.distributed.environment import ensure_ray_env
+
+    ensure_ray_env()  # before Ray is imported
+    from trainer.distributed.errors import LaunchError
+    from trainer.distributed.launcher import TrainingFailedError, launch_training
+    from trainer.preflight import PreflightError
 
     try:
         return launch_training(config, **launch_options)
+    except PreflightError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(2) from None
     except LaunchError as error:
         console.print(f"[red]cannot start the run: {error}[/]")
         raise typer.Exit(3) from None
@@ -64,7 +72,13 @@ def launch_or_exit(config: TrainConfig, **launch_options: Any) -> LaunchResult:
 
 @app.command()
 def main(
-    config_path: Annotated[Path, typer.Argument(help="Training config, YAML or JSON.")],
+    config_path: Annotated[
+        Path | None, typer.Argument(help="Training config, YAML or JSON (or --spec).")
+    ] = None,
+    spec_path: Annotated[
+        Path | None,
+        typer.Option("--spec", help="A job spec (JSON) as the service writes it."),
+    ] = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a field: --set schedule.epochs=2 (repeatable)."),
@@ -98,15 +112,33 @@ def main(
     ] = None,
     tracking: Annotated[bool, typer.Option(help="Track the run in MLflow.")] = True,
 ) -> None:
-    """Train CONFIG data-parallel with Ray Train and track it in MLflow."""
+    """Train CONFIG (or the job of --spec) data-parallel with Ray Train, tracked in MLflow."""
+    if (config_path is None) == (spec_path is None):
+        raise typer.BadParameter("give either CONFIG or --spec FILE", param_hint="CONFIG")
+    spec: TrainJobSpec | None = None
     try:
-        config = load_config(config_path, overrides or [])
+        if spec_path is not None:
+            read = read_spec_file(spec_path, TrainJobSpec)
+            assert isinstance(read, TrainJobSpec)
+            spec, config = read, read.config
+        else:
+            config = load_config(config_path, overrides or [])
     except ConfigError as error:
         console.print(f"[red]{error}[/]")
         raise typer.Exit(2) from None
     if alias is not None and register_as is None:
         raise typer.BadParameter("--alias needs --register-as", param_hint="--alias")
     run_tags = _parse_tags(tags or [])
+    if spec is not None:
+        run_name = spec.job_id or run_name
+        mlflow_run_id = spec.mlflow_run_id or mlflow_run_id
+        storage_path = spec.storage_path or storage_path
+        register_as, alias = spec.register_as or register_as, spec.register_alias or alias
+        run_tags |= spec.tags
+        if spec.job_id is not None:
+            run_tags[JOB_ID_TAG] = spec.job_id
+        if spec.owner is not None:
+            run_tags[OWNER_TAG] = spec.owner
 
     # Ray, torch and MLflow load only once the arguments are known to be valid.
     from trainer.tracking import resolve_tracking_uri

@@ -24,17 +24,22 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import nn
 
 from trainer.config import ModelConfig, TrainConfig
+from trainer.mlflow_names import (
+    BACKBONE_ARTIFACT_DIR,
+    BACKBONE_MODEL_URI_TAG,
+    CHECKPOINTS_ARTIFACT,
+    CONFIG_ARTIFACT,
+    LATEST_CHECKPOINT_TAG,
+)
 from trainer.models import backbone_kwargs, is_vit
 
 if TYPE_CHECKING:  # MLflow loads on first use: only rank 0 of a cluster needs it.
     from mlflow.tracking import MlflowClient
 
 TRACKING_URI_ENV_VARS = ("KLSSL_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI")
-BACKBONE_ARTIFACT_DIR = "backbone"
 BACKBONE_WEIGHTS = "backbone.pt"
 BACKBONE_RECIPE = "timm_recipe.json"
 BACKBONE_MODEL_NAME = "backbone"
-CHECKPOINTS_ARTIFACT = "checkpoints/checkpoints.json"
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
 # MLflow limits: 500 params / 1000 metrics per batch, 6000 characters per param value.
@@ -142,7 +147,7 @@ def create_run(
     params = [Param(key, value[:_MAX_PARAM_LENGTH]) for key, value in sorted(config.flat().items())]
     for start in range(0, len(params), _PARAMS_PER_BATCH):
         client.log_batch(tracked.run_id, params=params[start : start + _PARAMS_PER_BATCH])
-    client.log_text(tracked.run_id, config.to_json(), "config.json")
+    client.log_text(tracked.run_id, config.to_json(), CONFIG_ARTIFACT)
     return tracked
 
 
@@ -253,7 +258,7 @@ def log_checkpoint_uris(tracked: TrackedRun, checkpoints: Iterable[Mapping[str, 
     client = tracked.client()
     client.log_text(tracked.run_id, json.dumps(records, indent=2), CHECKPOINTS_ARTIFACT)
     if records:
-        client.set_tag(tracked.run_id, "klssl.latest_checkpoint", str(records[-1]["uri"]))
+        client.set_tag(tracked.run_id, LATEST_CHECKPOINT_TAG, str(records[-1]["uri"]))
 
 
 def timm_recipe(config: ModelConfig, image_size: int) -> dict[str, Any]:
@@ -350,7 +355,7 @@ def export_backbone(
             ],
         )
     model_uri = str(info.model_uri)
-    client.set_tag(tracked.run_id, "klssl.backbone_model_uri", model_uri)
+    client.set_tag(tracked.run_id, BACKBONE_MODEL_URI_TAG, model_uri)
     if register_as is not None:
         version = mlflow.register_model(model_uri, register_as)
         if alias is not None:

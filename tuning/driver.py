@@ -2,13 +2,13 @@
 
 `run_sweep` is the driver of a sweep. Every Tune trial is a small function
 (`trial_main`) that builds the trial's config (the base config with the sampled values),
-creates or re-attaches the trial's MLflow child run and runs a `TorchTrainer` exactly as
-`trainer.launch` does for a single job; a ``TuneReportCallback`` hands every epoch's
-report from rank 0 to Tune, where the ASHA scheduler and the collapse stopper
-(`tuning.stoppers.CollapseStopper`) may stop the trial early. The trial function itself
-reserves no CPU (only a little memory): the TorchTrainer's workers reserve the CPUs and
-GPUs, and the number of trials at once is capped by what the cluster can hold, so trials
-never wait on each other's workers.
+creates or re-attaches the trial's MLflow child run and fits a `TorchTrainer` through
+the launcher of a single job (`trainer.distributed.launcher.fit_run`); its
+``TuneReportCallback`` hands every epoch's report from rank 0 to Tune, where the ASHA
+scheduler and the collapse stopper (`tuning.stoppers.CollapseStopper`) may stop the
+trial early. The trial function itself reserves no CPU (only a little memory): the
+TorchTrainer's workers reserve the CPUs and GPUs, and the number of trials at once is
+capped by what the cluster can hold, so trials never wait on each other's workers.
 
 A driver-side Tune callback (`SweepTracker`) closes the child runs of trials Tune
 stopped early (status KILLED, tag ``klssl.stopped`` = ``collapse`` or ``asha``) or lost;
@@ -33,9 +33,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import trainer.launch as launch  # prepares Ray's environment: import before ray
-
-# isort: split
 import pyarrow.fs
 import ray
 import ray.tune
@@ -44,14 +41,41 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
-from trainer.config import TrainConfig, validate_config
+from trainer.config import TrainConfig
+from trainer.distributed.cluster import Placement, check_cluster_capacity, plan_placement
+from trainer.distributed.environment import connect_ray, require_train_v2
+from trainer.distributed.errors import LaunchError
+from trainer.distributed.launcher import TrainingFailedError, fit_run
+from trainer.distributed.storage import check_storage, storage_uri
+from trainer.distributed.worker import WorkerSetup
+from trainer.mlflow_names import (
+    BEST_METRIC_TAG,
+    BEST_RUN_ID_TAG,
+    BEST_TAG,
+    BEST_TRIAL_ID_TAG,
+    BEST_VALUE_TAG,
+    CONFIG_TAG,
+    DONE_TAG,
+    ERROR_TAG,
+    INTERRUPTED_TAG,
+    PARENT_TAG,
+    ROLE_TAG,
+    RUN_NAME_TAG,
+    SAMPLE_TAG,
+    STOPPED_AT_TAG,
+    STOPPED_TAG,
+    STORAGE_TAG,
+    SWEEP_ARTIFACT,
+    SWEEP_ID_TAG,
+    TRIAL_ID_TAG,
+)
+from trainer.preflight import preflight
 from trainer.tracking import (
     TrackedRun,
     absolute_tracking_uri,
     attach_run,
     create_run,
     finish_run,
-    log_checkpoint_uris,
     set_tags,
 )
 from tuning.config import (
@@ -64,14 +88,6 @@ from tuning.config import (
     is_integer_field,
 )
 from tuning.report import (
-    BEST_TAG,
-    CONFIG_TAG,
-    PARENT_TAG,
-    ROLE_TAG,
-    SAMPLE_TAG,
-    STOPPED_TAG,
-    SWEEP_ID_TAG,
-    TRIAL_ID_TAG,
     TrialRecord,
     best_trial,
     log_report,
@@ -84,9 +100,6 @@ if TYPE_CHECKING:
 
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 """Ray ``memory`` (bytes) reserved by a trial's driver function, which takes no CPU."""
-SWEEP_FILE = "sweep.json"
-STOPPED_AT_TAG = "klssl.stopped_at_epoch"
-DONE_TAG = "klssl.done"
 TRAIN_RUN_PREFIX = "train_"
 
 
@@ -174,7 +187,7 @@ def scheduler(sweep: SweepConfig) -> TrialScheduler:
     )
 
 
-def max_concurrent_trials(placement: launch.Placement, cluster: Mapping[str, float]) -> int:
+def max_concurrent_trials(placement: Placement, cluster: Mapping[str, float]) -> int:
     """Trials the cluster can hold at once: its totals over one trial's workers (>= 1)."""
     fits = [
         math.floor(cluster.get(key, 0.0) / (value * placement.workers) + 1e-9)
@@ -192,7 +205,7 @@ class TrialContext(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    base_json: str
+    base: TrainConfig
     sweep_id: str
     sweep_paths: list[str]
     parent_run_id: str
@@ -201,10 +214,6 @@ class TrialContext(BaseModel):
     storage_path: str
     """The storage path as the filesystem passed beside the context sees it."""
     system_metrics: bool = True
-
-    def base(self) -> TrainConfig:
-        """The trials' base config, validated again on the trial's node."""
-        return validate_config(json.loads(self.base_json), "sweep base config")
 
 
 def find_child_run(
@@ -261,15 +270,15 @@ def trial_main(
     if replay_ended_trial(context, trial_id):
         return
     sample = sampled_values(context.sweep_paths, config)
-    trial_config = apply_sample(context.base(), sample)
+    trial_config = apply_sample(context.base, sample)
     fs_path = context.storage_path
     run_name = f"{TRAIN_RUN_PREFIX}{trial_id}"
-    root = launch.storage_uri(f"{fs_path.rstrip('/')}/{context.sweep_id}", filesystem)
+    root = storage_uri(f"{fs_path.rstrip('/')}/{context.sweep_id}", filesystem)
     tracked = trial_run(context, trial_id, trial_config, sample)
-    set_tags(tracked, {"klssl.run_name": run_name, "klssl.storage": f"{root}/{run_name}"})
-    placement = launch.plan_placement(trial_config)
-    setup = launch.WorkerSetup(
-        config_json=trial_config.to_json(),
+    set_tags(tracked, {RUN_NAME_TAG: run_name, STORAGE_TAG: f"{root}/{run_name}"})
+    placement = plan_placement(trial_config)
+    setup = WorkerSetup(
+        config=trial_config,
         use_gpu=placement.use_gpu,
         tracking_uri=context.tracking_uri,
         mlflow_run_id=tracked.run_id,
@@ -277,33 +286,21 @@ def trial_main(
         checkpoint_root_uri=f"{root}/{run_name}",
         system_metrics=context.system_metrics,
     )
-    trainer = launch.build_trainer(
-        setup,
-        placement,
-        run_name=run_name,
-        storage_path=f"{fs_path.rstrip('/')}/{context.sweep_id}",
-        filesystem=filesystem,
-        max_failures=trial_config.runtime.max_failures,
-        keep_checkpoints=trial_config.runtime.keep_checkpoints,
-        callbacks=[TuneReportCallback()],
-    )
     try:
-        result = trainer.fit()
-    except launch.TrainingFailedError as error:
+        fit_run(
+            setup,
+            placement,
+            run_name=run_name,
+            storage_path=f"{fs_path.rstrip('/')}/{context.sweep_id}",
+            filesystem=filesystem,
+            callbacks=[TuneReportCallback()],
+        )
+    except TrainingFailedError as error:
         # Training itself failed. Anything else (the trial stopped by Tune, the sweep
         # interrupted) leaves the run to the driver's tracker or to a resumed attempt.
-        set_tags(tracked, {"klssl.error": f"{type(error).__name__}: {error}"[:5000]})
+        set_tags(tracked, {ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]})
         finish_run(tracked, "FAILED")
         raise
-    checkpoints = [
-        {
-            "uri": launch.storage_uri(checkpoint.path, filesystem),
-            "epoch": int(metrics.get("epoch", -1)),
-            "step": int(metrics.get("step", -1)),
-        }
-        for checkpoint, metrics in (result.best_checkpoints or [])
-    ]
-    log_checkpoint_uris(tracked, sorted(checkpoints, key=lambda record: int(record["step"])))
     set_tags(tracked, {DONE_TAG: "true"})
     finish_run(tracked, "FINISHED")
 
@@ -475,7 +472,7 @@ def sweep_parent_run(
     new = [Param(key, value) for key, value in params.items() if key not in existing]
     if new:
         client.log_batch(tracked.run_id, params=new)
-    client.log_text(tracked.run_id, sweep.to_json(), SWEEP_FILE)
+    client.log_text(tracked.run_id, sweep.to_json(), SWEEP_ARTIFACT)
     return tracked
 
 
@@ -495,10 +492,10 @@ def mark_best(
     set_tags(
         tracked,
         {
-            "klssl.best_trial_id": best.trial_id,
-            "klssl.best_run_id": best.run_id,
-            "klssl.best_metric": metric,
-            "klssl.best_value": f"{value:.6g}",
+            BEST_TRIAL_ID_TAG: best.trial_id,
+            BEST_RUN_ID_TAG: best.run_id,
+            BEST_METRIC_TAG: metric,
+            BEST_VALUE_TAG: f"{value:.6g}",
         },
     )
     client.log_metric(tracked.run_id, f"best_{metric}", value)
@@ -532,20 +529,20 @@ def run_sweep(
         interrupted (a later call with the same ``sweep_id`` finishes it).
 
     Raises:
-        trainer.launch.LaunchError: before anything starts (cluster too small for one
+        trainer.distributed.errors.LaunchError: before anything starts (cluster too small for one
             trial, storage unreachable, an experiment exists and ``resume`` is False).
     """
-    launch.require_train_v2()
-    launch.connect_ray()
+    require_train_v2()
+    base = preflight(sweep.trial_base(), source="sweep base config on the driver")
+    connect_ray()
     tracking_uri = absolute_tracking_uri(tracking_uri)
-    base = launch.with_absolute_paths(sweep.trial_base())
-    placement = launch.plan_placement(base)
-    launch.check_cluster_capacity(placement, ray.nodes())
-    filesystem, fs_path = launch.check_storage(storage_path)
+    placement = plan_placement(base)
+    check_cluster_capacity(placement, ray.nodes())
+    filesystem, fs_path = check_storage(storage_path)
     experiment_path = f"{fs_path.rstrip('/')}/{sweep_id}"
     restorable = ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
     if restorable and not resume:
-        raise launch.LaunchError(
+        raise LaunchError(
             f"sweep {sweep_id!r} already has an experiment at {experiment_path}; "
             "resume it or choose another sweep id"
         )
@@ -555,10 +552,10 @@ def run_sweep(
         tracking_uri,
         sweep_id,
         parent_run_id,
-        {"klssl.storage": launch.storage_uri(experiment_path, filesystem)},
+        {STORAGE_TAG: storage_uri(experiment_path, filesystem)},
     )
     context = TrialContext(
-        base_json=base.to_json(),
+        base=base,
         sweep_id=sweep_id,
         sweep_paths=list(sweep.space),
         parent_run_id=parent.run_id,
@@ -627,14 +624,14 @@ def run_sweep(
         sweep_id=sweep_id,
         parent_run_id=parent.run_id,
         tracking_uri=tracking_uri,
-        experiment_path=launch.storage_uri(experiment_path, filesystem),
+        experiment_path=storage_uri(experiment_path, filesystem),
         metric=metric,
         mode=mode,
         trials=records,
         best=best,
         interrupted=interrupted,
     )
-    set_tags(parent, {"klssl.interrupted": str(interrupted).lower()})
+    set_tags(parent, {INTERRUPTED_TAG: str(interrupted).lower()})
     if interrupted:
         finish_run(parent, "KILLED")
     else:

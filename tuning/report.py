@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from trainer.mlflow_names import (
+    CONFIG_TAG,
+    PARENT_TAG,
+    REPORT_ARTIFACT_DIR,
+    SAMPLE_TAG,
+    STOPPED_TAG,
+    TRIAL_ID_TAG,
+)
+
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-PARENT_TAG = "mlflow.parentRunId"
-SWEEP_ID_TAG = "klssl.sweep_id"
-TRIAL_ID_TAG = "klssl.trial_id"
-ROLE_TAG = "klssl.role"
-SAMPLE_TAG = "klssl.sampled"
-CONFIG_TAG = "klssl.config"
-STOPPED_TAG = "klssl.stopped"
-BEST_TAG = "klssl.best"
-REPORT_DIR = "report"
 TRIALS_FILE = "trials.json"
 
 _PAGE = 500
@@ -249,7 +249,7 @@ def log_report(
     params = sorted({key for record in records for key in record.params})
     logarithmic = set(log_params)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / REPORT_DIR
+        folder = Path(tmp) / REPORT_ARTIFACT_DIR
         folder.mkdir()
         summary = {
             "metric": metric,
@@ -268,5 +268,5 @@ def log_report(
                 log_scale=param in logarithmic,
                 best_trial_id=best.trial_id if best else None,
             )
-        client.log_artifacts(parent_run_id, str(folder), REPORT_DIR)
+        client.log_artifacts(parent_run_id, str(folder), REPORT_ARTIFACT_DIR)
     return rows

@@ -1,7 +1,8 @@
-"""``python -m tuning.run SWEEP``: the entry point of a sweep job on Ray.
+"""``python -m tuning.run --spec FILE`` or ``SWEEP``: the entry point of a sweep job on Ray.
 
-What the service submits through the Ray Jobs API for ``POST /v1/sweeps``, and what a
-user runs by hand. Like ``python -m trainer.run`` it connects to ``RAY_ADDRESS`` when set
+What the service submits through the Ray Jobs API for ``POST /v1/sweeps`` (``--spec``, a
+`tuning.spec.SweepJobSpec`), and what a user runs by hand (``SWEEP`` with options).
+Like ``python -m trainer.run`` it connects to ``RAY_ADDRESS`` when set
 (with the cluster's token from ``RAY_AUTH_TOKEN``), otherwise starts a local Ray; it
 tracks into ``KLSSL_MLFLOW_TRACKING_URI`` / ``MLFLOW_TRACKING_URI``, otherwise into a
 SQLite store under ``--output``; the experiment and the trials' checkpoints go to
@@ -25,8 +26,10 @@ import typer
 from rich.console import Console
 
 from trainer.config import ConfigError
-from trainer.run import default_storage_path
+from trainer.distributed.storage import default_storage_path
+from trainer.spec import read_spec_file
 from tuning.config import SweepConfig, load_sweep
+from tuning.spec import SweepJobSpec
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
@@ -40,7 +43,13 @@ def default_sweep_id(sweep: SweepConfig) -> str:
 
 @app.command()
 def main(
-    sweep_path: Annotated[Path, typer.Argument(help="Sweep config, YAML or JSON.")],
+    sweep_path: Annotated[
+        Path | None, typer.Argument(help="Sweep config, YAML or JSON (or --spec).")
+    ] = None,
+    spec_path: Annotated[
+        Path | None,
+        typer.Option("--spec", help="A sweep job spec (JSON) as the service writes it."),
+    ] = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a base config field: --set schedule.epochs=2."),
@@ -63,16 +72,30 @@ def main(
         bool, typer.Option(help="Resume an existing experiment of --sweep-id.")
     ] = True,
 ) -> None:
-    """Run the sweep SWEEP_PATH with Ray Tune over Ray Train, tracked in MLflow."""
+    """Run the sweep SWEEP_PATH (or the job of --spec) with Ray Tune, tracked in MLflow."""
+    if (sweep_path is None) == (spec_path is None):
+        raise typer.BadParameter("give either SWEEP or --spec FILE", param_hint="SWEEP")
     try:
-        sweep = load_sweep(sweep_path, overrides or [])
+        if spec_path is not None:
+            spec = read_spec_file(spec_path, SweepJobSpec)
+            assert isinstance(spec, SweepJobSpec)
+            sweep = spec.config
+            sweep_id = spec.job_id or sweep_id
+            mlflow_run_id = spec.mlflow_run_id or mlflow_run_id
+            storage_path = spec.storage_path or storage_path
+        else:
+            assert sweep_path is not None
+            sweep = load_sweep(sweep_path, overrides or [])
     except ConfigError as error:
         console.print(f"[red]{error}[/]")
         raise typer.Exit(2) from None
 
-    # Ray, torch and MLflow load only once the sweep is known to be valid; the launch
-    # module prepares Ray's environment, so it is imported before Ray is.
-    from trainer.launch import LaunchError
+    # Ray, torch and MLflow load only once the sweep is known to be valid.
+    from trainer.distributed.environment import ensure_ray_env
+
+    ensure_ray_env()  # before Ray is imported
+    from trainer.distributed.errors import LaunchError
+    from trainer.preflight import PreflightError
     from trainer.tracking import resolve_tracking_uri
     from tuning.driver import run_sweep
 
@@ -87,6 +110,9 @@ def main(
             parent_run_id=mlflow_run_id,
             resume=resume,
         )
+    except PreflightError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(2) from None
     except LaunchError as error:
         console.print(f"[red]cannot start the sweep: {error}[/]")
         raise typer.Exit(3) from None

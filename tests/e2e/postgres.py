@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.processes import HOST, free_port, spawn, stop_tree, wait_for
+from service.localstack.processes import HOST, free_port, spawn, stop_tree, wait_for
 
 APT_TIMEOUT_S = 600
 

@@ -22,8 +22,8 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.processes import clean_env, descendants, free_port, is_alive
-from service.stack import LocalStack, StackOptions, read_stack_info
+from service.localstack.processes import clean_env, descendants, free_port, is_alive
+from service.localstack.stack import LocalStack, StackOptions, read_stack_info
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

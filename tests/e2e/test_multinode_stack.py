@@ -19,8 +19,8 @@ import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.processes import wait_for
-from service.stack import LocalStack, StackInfo, StackOptions
+from service.localstack.processes import wait_for
+from service.localstack.stack import LocalStack, StackInfo, StackOptions
 from tests.e2e.postgres import Postgres, postgres_server
 from tests.e2e.test_service_e2e import tiny_config
 

@@ -1,6 +1,6 @@
 """The control plane end to end over HTTP: uvicorn, a real Ray head, a real MLflow server.
 
-The module's stack is the local stack of ``klssl up`` (`service.stack.LocalStack`): a Ray
+The module's stack is the local stack of ``klssl up`` (`service.localstack.stack.LocalStack`): a Ray
 head on loopback with token authentication and 2 CPUs, an MLflow tracking server (SQLite
 backend) and the API in its own uvicorn process, so that each can be stopped and started
 again mid-job. Every process is stopped by its pid (and process group), never by name.
@@ -23,8 +23,8 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.processes import wait_for
-from service.stack import API, HEAD, LocalStack, StackInfo, StackOptions
+from service.localstack.processes import wait_for
+from service.localstack.stack import API, HEAD, LocalStack, StackInfo, StackOptions
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

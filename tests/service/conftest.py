@@ -41,13 +41,13 @@ class FakeRay:
         self._check()
 
     def submit(
-        self, submission_id: str, *, config_json: str, args: list[str], env: dict[str, str]
+        self, submission_id: str, *, module: str, spec_json: str, env: dict[str, str]
     ) -> None:
         self._check()
         if submission_id in self.jobs:
             return
         self.submissions.append(
-            {"id": submission_id, "config_json": config_json, "args": args, "env": env}
+            {"id": submission_id, "module": module, "spec_json": spec_json, "env": env}
         )
         self.jobs[submission_id] = RayJobStatus(JobState.PENDING)
 

@@ -277,7 +277,7 @@ def test_mlflow_down_is_a_503_and_records_nothing(settings: Settings, fake_ray: 
 def test_following_logs_survives_a_lost_log_source(
     client: TestClient, services: Services, fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("service.api.LOG_POLL_S", 0.01)
+    monkeypatch.setattr("service.routes.jobs.LOG_POLL_S", 0.01)
     job = client.post("/v1/jobs", json=job_body(), headers=ALICE).json()["id"]
     services.dispatcher.run_once()
     sid = f"klssl-{job}"

@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from service.cli import app as klssl
 from service.deps import Services
 from service.store import JobState
 from tests.service.conftest import FakeRay, job_body
-from trainer.cli import app as klssl
 
 runner = CliRunner()
 
@@ -28,7 +28,7 @@ def cli_talks_to_the_app(client: TestClient, monkeypatch: pytest.MonkeyPatch) ->
             client.headers["Authorization"] = f"Bearer {token}"
         return client
 
-    monkeypatch.setattr("service.cli.client", make)
+    monkeypatch.setattr("service.cli.client.client", make)
     monkeypatch.setenv("KLSSL_API_TOKEN", "token-alice-0123456789")
 
 
@@ -46,7 +46,7 @@ def test_submit_status_list_logs_and_cancel(
     assert submitted.exit_code == 0, submitted.output
     job_id = submitted.stdout.strip()
     record = services.store.get(job_id)
-    assert record is not None and record.config["schedule"]["epochs"] == 3
+    assert record is not None and record.config.schedule.epochs == 3
 
     status = runner.invoke(klssl, ["status", job_id])
     assert status.exit_code == 0 and json.loads(status.stdout)["state"] == "QUEUED"
@@ -73,7 +73,7 @@ def test_follow_reports_the_final_state(
             fake_ray.set(submission["id"], JobState.SUCCEEDED)
         services.dispatcher.run_once()
 
-    monkeypatch.setattr("service.cli.time.sleep", finish_on_poll)
+    monkeypatch.setattr("service.cli.client.time.sleep", finish_on_poll)
     result = runner.invoke(klssl, ["submit", str(config_file), "--follow"])
     assert result.exit_code == 0, result.output
     assert "SUCCEEDED" in result.stdout

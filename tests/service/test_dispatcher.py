@@ -13,6 +13,7 @@ from service.ray_jobs import job_environment
 from service.settings import Settings
 from service.store import JobState
 from tests.service.conftest import ALICE, FakeRay, job_body
+from trainer.spec import TrainJobSpec
 
 
 def submit(client: TestClient, count: int) -> list[str]:
@@ -44,7 +45,7 @@ def test_jobs_wait_queued_for_capacity_then_follow_ray(
     assert run.info.status == "FINISHED"
 
 
-def test_the_submission_carries_config_run_and_environment(
+def test_the_submission_carries_the_job_spec_and_the_deployment_environment(
     client: TestClient, services: Services, fake_ray: FakeRay
 ) -> None:
     (job_id,) = submit(client, 1)
@@ -53,13 +54,18 @@ def test_the_submission_carries_config_run_and_environment(
     job = services.store.get(job_id)
     assert job is not None
     assert submitted["id"] == f"klssl-{job_id}" == job.ray_submission_id
-    assert json.loads(submitted["config_json"]) == job.config
-    args = submitted["args"]
-    assert args[args.index("--run-name") + 1] == job_id
-    assert args[args.index("--mlflow-run-id") + 1] == job.mlflow_run_id
-    assert f"klssl.job_id={job_id}" in args
+    # One channel: the spec file holds the typed config and every id the driver needs.
+    assert submitted["module"] == "trainer.run"
+    spec = TrainJobSpec.model_validate_json(submitted["spec_json"])
+    assert spec == job.spec
+    assert spec.config == job.config
+    assert (spec.job_id, spec.mlflow_run_id, spec.owner) == (job_id, job.mlflow_run_id, job.owner)
+    assert spec.storage_path is not None and spec.storage_path.startswith("/")
+    # The environment holds only the deployment's settings.
     assert submitted["env"]["KLSSL_MLFLOW_TRACKING_URI"] == services.settings.mlflow_tracking_uri
-    assert submitted["env"]["KLSSL_STORAGE_PATH"].startswith("/")
+    assert "KLSSL_STORAGE_PATH" not in submitted["env"]
+    roots = json.loads(submitted["env"]["KLSSL_ALLOWED_DATA_ROOTS"])
+    assert roots == [str(root.resolve()) for root in services.settings.allowed_data_roots]
 
 
 def test_a_job_cancelled_during_its_submission_leaves_no_ray_job(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,15 +16,19 @@ from service.store import (
     JobState,
     JobStore,
     migrate,
+    migrate_down,
     new_job_id,
     utcnow,
 )
+from trainer.config import TrainConfig
+from trainer.spec import TrainJobSpec
 
 
 def record(owner: str = "alice", key: str | None = None) -> Job:
     now = utcnow()
     return Job(
-        id=new_job_id(), name="n", owner=owner, idempotency_key=key, config={}, tags={},
+        id=new_job_id(), name="n", owner=owner, idempotency_key=key,
+        spec=TrainJobSpec(config=TrainConfig(), owner=owner), tags={},
         state=JobState.QUEUED.value, created_at=now, updated_at=now, progress_metrics={},
         checkpoint_uris=[], cancel_requested=False,
     )  # fmt: skip
@@ -40,8 +45,39 @@ def test_migrations_build_exactly_the_models_schema(store: JobStore) -> None:
     migrate(store.engine)  # a second upgrade is a no-op
     with store.engine.connect() as connection:
         context = MigrationContext.configure(connection)
-        assert context.get_current_revision() == "0003"
+        assert context.get_current_revision() == "0004"
         assert compare_metadata(context, Base.metadata) == []
+
+
+def test_the_job_spec_migration_keeps_every_record_typed(tmp_path: Path) -> None:
+    """0004 turns a stored bare config into the typed spec and back (downgrade)."""
+    from sqlalchemy import text
+
+    from service.store import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    migrate(engine, "0003")
+    config = TrainConfig(name="old").model_dump(mode="json")
+    now = utcnow().isoformat()
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO jobs (id, name, kind, owner, config, tags, state, created_at,"
+                " updated_at, mlflow_run_id, progress_metrics, checkpoint_uris,"
+                " cancel_requested) VALUES ('job-1', 'old', 'train', 'alice', :config, '{}',"
+                " 'QUEUED', :now, :now, 'run-1', '{}', '[]', 0)"
+            ),
+            {"config": json.dumps(config), "now": now},
+        )
+    migrate(engine)
+    job = JobStore(engine).get("job-1")
+    assert job is not None and isinstance(job.spec, TrainJobSpec)
+    assert job.config == TrainConfig(name="old")
+    assert (job.spec.job_id, job.spec.owner, job.spec.mlflow_run_id) == ("job-1", "alice", "run-1")
+    migrate_down(engine, "0003")
+    with engine.connect() as connection:
+        stored = connection.execute(text("SELECT config FROM jobs")).scalar_one()
+    assert json.loads(stored) == config
 
 
 def test_idempotency_keys_are_unique_per_owner(store: JobStore) -> None:

@@ -12,6 +12,7 @@ from service.deps import Services
 from service.store import JobState
 from tests.factories import tiny_config
 from tests.service.conftest import ALICE, BOB, FakeRay, job_body
+from tuning.spec import SweepJobSpec
 
 
 def sweep_body(name: str = "svc-sweep", **changes: Any) -> dict[str, Any]:
@@ -43,10 +44,10 @@ def test_a_sweep_is_recorded_with_a_parent_run_and_submitted_as_tuning_run(
 
     services.dispatcher.run_once()
     (submitted,) = fake_ray.submissions
-    args = submitted["args"]
-    assert args[:3] == ["-m", "tuning.run", "config.json"]
-    assert args[args.index("--sweep-id") + 1] == sweep["id"]
-    assert args[args.index("--mlflow-run-id") + 1] == sweep["mlflow_run_id"]
+    assert submitted["module"] == "tuning.run"
+    spec = SweepJobSpec.model_validate_json(submitted["spec_json"])
+    assert (spec.job_id, spec.mlflow_run_id) == (sweep["id"], sweep["mlflow_run_id"])
+    assert spec.config.model_dump(mode="json") == sweep["config"]
 
     listed = client.get("/v1/sweeps", headers=ALICE).json()
     assert [item["id"] for item in listed["items"]] == [sweep["id"]]

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.health import (
-    COLLAPSE_STEP_TAG,
-    HEALTH_TAG,
-    CollapseRule,
-    HealthMonitor,
-    Verdict,
-)
+from trainer.health import CollapseRule, HealthMonitor, Verdict
+from trainer.mlflow_names import COLLAPSE_STEP_TAG, HEALTH_TAG
 from trainer.summary import result_lines
 
 HEALTHY = {"target_mutual_info_norm": 0.4, "target_cluster_usage": 0.8, "logit_spread": 0.08}

@@ -3,7 +3,7 @@
 One Ray cluster (two nodes of one CPU each, from Ray's multi-node test utility) serves
 the whole module; every training run is a real `TorchTrainer` with gloo all-reduces and
 a real SQLite MLflow store. Workers run the production per-worker loop
-(`trainer.launch.worker_main`); tests only add observer hooks that record what every
+(`trainer.distributed.worker.worker_main`); tests only add observer hooks that record what every
 rank saw.
 """
 
@@ -28,21 +28,15 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-import trainer.launch as launch  # sets RAY_TRAIN_V2_ENABLED before ray.train loads
 from tests import factories
 from trainer.config import TrainConfig, validate_config
+from trainer.distributed.cluster import Placement, check_cluster_capacity
+from trainer.distributed.environment import require_train_v2
+from trainer.distributed.errors import InsufficientResourcesError, StorageUnavailableError
+from trainer.distributed.launcher import LaunchResult, launch_training
+from trainer.distributed.worker import WorkerSetup, worker_main
 from trainer.engine import DIAGNOSTICS, TrainingState, build_optimizer, train_step
 from trainer.evaluation import extract_features, knn_report
-from trainer.launch import (
-    InsufficientResourcesError,
-    LaunchResult,
-    Placement,
-    StorageUnavailableError,
-    WorkerSetup,
-    check_cluster_capacity,
-    launch_training,
-    worker_main,
-)
 from trainer.loop import Run
 from trainer.models import build_network, build_teacher, unwrap
 from trainer.schedules import Schedules
@@ -579,4 +573,4 @@ def test_capacity_check_counts_whole_workers_per_node(
 
 def test_train_v2_is_required() -> None:
     assert os.environ["RAY_TRAIN_V2_ENABLED"] == "1"
-    launch.require_train_v2()
+    require_train_v2()

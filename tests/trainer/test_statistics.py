@@ -1,4 +1,4 @@
-"""Cluster statistics: the EMA formulas of DESIGN.md, checkpoints, and a real gloo group.
+"""Cluster statistics: the EMA formulas of docs/design.md, checkpoints, and a real gloo group.
 
 The distributed tests start two processes (torch.multiprocessing, spawn) in a gloo group
 on 127.0.0.1, give each rank a different local batch, and compare what every rank ends up
@@ -38,7 +38,7 @@ def _seed() -> None:
 
 
 def ema(previous: Tensor, batch: Tensor, momentum: float) -> Tensor:
-    """pi <- m pi + (1 - m) pi_batch (and the same for c), from DESIGN.md section 1."""
+    """pi <- m pi + (1 - m) pi_batch (and the same for c), from docs/design.md section 1.4."""
     return momentum * previous + (1 - momentum) * batch
 
 

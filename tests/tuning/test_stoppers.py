@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tests.factories import tiny_config
-from trainer.launch import Placement
+from trainer.distributed.cluster import Placement
 from tuning.config import CollapseConfig, validate_sweep
 from tuning.driver import expected_trials, max_concurrent_trials, param_space, sampled_values
 from tuning.report import TrialRecord, best_trial

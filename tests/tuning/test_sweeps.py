@@ -21,8 +21,6 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-import trainer.launch  # noqa: F401  (prepares Ray's environment before ray loads)
-
 # isort: split
 import ray
 

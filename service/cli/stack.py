@@ -16,8 +16,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from service.cli import check, client, console, describe, follow_job, print_result
-from service.stack import LocalStack, StackError, StackInfo, StackOptions, read_stack_info
+from service.cli.client import check, client, console, describe, follow_job, print_result
+from service.localstack.stack import (
+    LocalStack,
+    StackError,
+    StackInfo,
+    StackOptions,
+    read_stack_info,
+)
 from trainer.config import ConfigError, apply_overrides, read_config_file
 
 StateDir = Annotated[

@@ -1,6 +1,6 @@
 """The embedded local stack behind ``klssl up``: Ray, MLflow and the API on loopback.
 
-It mirrors the compose topology (DESIGN.md section 5) with native processes: a Ray head
+It mirrors the compose topology (docs/deploy.md) with native processes: a Ray head
 (dashboard and Jobs API, token authentication on) plus optional extra Ray nodes (the
 compose file's ``ray-worker``), an MLflow tracking server (SQLite or PostgreSQL backend,
 local artifact directory) and the API (uvicorn). Everything lives in one state directory:
@@ -26,14 +26,14 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from service.processes import (
+from service.localstack.processes import (
     HOST,
     clean_env,
     free_port,
@@ -439,16 +439,3 @@ class LocalStack:
             f"{name} not healthy after {self.options.ready_timeout_s:.0f} s; "
             f"its log ({log}):\n{log_tail(log)}"
         )
-
-
-@contextlib.contextmanager
-def running_stack(
-    options: StackOptions, report: Callable[[str], None] = lambda _: None
-) -> Iterator[tuple[LocalStack, StackInfo]]:
-    """A stack for the duration of a ``with`` block (tests and benchmarks), then down."""
-    stack = LocalStack(options)
-    info = stack.up(report)
-    try:
-        yield stack, info
-    finally:
-        stack.down()

@@ -1,7 +1,8 @@
-"""The ``klssl`` command line.
+"""``klssl train | eval``: training and evaluation in this process (no service).
 
-``klssl train CONFIG`` runs in this process; the service commands (submit, status, ...)
-arrive with the control plane and talk to its REST API.
+``klssl train CONFIG`` runs in this process (or, with ``--workers``, on Ray); the service
+commands (submit, status, ...) are in `service.cli.client`. `register` adds these
+commands to the ``klssl`` Typer app.
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ import typer
 from rich.console import Console
 
 from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.preflight import preflight
 from trainer.summary import result_lines
 
-app = typer.Typer(
-    name="klssl",
-    help="Self-supervised learning by clustering: train, submit and compare runs.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
 console = Console(stderr=True)
 
 ConfigPath = Annotated[
@@ -36,7 +32,6 @@ Overrides = Annotated[
 ]
 
 
-@app.command()
 def train(
     config_path: ConfigPath,
     output: Annotated[
@@ -64,8 +59,8 @@ def train(
     a SQLite store in --output).
     """
     try:
-        config = load_config(config_path, overrides or [])
-    except ConfigError as error:
+        config = preflight(load_config(config_path, overrides or []))
+    except ConfigError as error:  # invalid, or cannot run here (a PreflightError)
         console.print(f"[red]{error}[/]")
         raise typer.Exit(2) from None
     if workers is not None:
@@ -100,7 +95,6 @@ def _train_on_ray(config: TrainConfig, output: Path, workers: int) -> dict[str, 
     return result.metrics
 
 
-@app.command("eval")
 def evaluate_checkpoint(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint directory (epoch_NNNN).")],
 ) -> None:
@@ -109,7 +103,7 @@ def evaluate_checkpoint(
     from trainer.loop import build_run, evaluate
 
     try:
-        config = load_checkpoint_config(checkpoint)
+        config = preflight(load_checkpoint_config(checkpoint))
         payload = load_payload(checkpoint)
     except (FileNotFoundError, ConfigError) as error:
         console.print(f"[red]{error}[/]")
@@ -120,18 +114,7 @@ def evaluate_checkpoint(
         typer.echo(f"{name}: {value:.2f}%")
 
 
-# The service commands (submit, status, ...) and the local stack (up, down).
-from service.cli import register  # noqa: E402
-from service.stack_cli import register as register_stack  # noqa: E402
-
-register(app)
-register_stack(app)
-
-
-def main() -> None:
-    """Entry point of the console script."""
-    app()
-
-
-if __name__ == "__main__":
-    main()
+def register(app: typer.Typer) -> None:
+    """Add ``train`` and ``eval`` to the ``klssl`` app."""
+    app.command()(train)
+    app.command("eval")(evaluate_checkpoint)

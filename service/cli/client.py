@@ -23,7 +23,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.stack import read_stack_info
+from service.localstack.stack import read_stack_info
 from trainer.config import ConfigError, apply_overrides, read_config_file
 from trainer.summary import result_lines
 

@@ -11,7 +11,7 @@ import yaml
 
 from tests.factories import tiny_config
 
-KLSSL = [sys.executable, "-m", "trainer.cli"]
+KLSSL = [sys.executable, "-m", "service.cli"]
 
 
 def klssl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -66,20 +66,28 @@ def test_train_resume_and_eval_from_the_command_line(tmp_path: Path) -> None:
 def test_bad_config_is_rejected_with_field_and_reason(tmp_path: Path) -> None:
     config_file = tmp_path / "c.yaml"
     config_file.write_text("objective: {teacher_temp: 0.04}\n")
-    result = klssl(
+    invalid = klssl(
+        "train", str(config_file), "--set", "objective.prior_momentum=1.5", cwd=tmp_path
+    )
+    assert invalid.returncode == 2
+    assert "objective.prior_momentum: Input should be less than 1" in invalid.stderr
+    # Valid, but not runnable here: the preflight names every problem.
+    unrunnable = klssl(
         "train",
         str(config_file),
         "--set",
-        "objective.prior_momentum=1.5",
-        "--set",
         "model.backbone=resnet19",
+        "--set",
+        "data.kind=imagefolder",
+        "--set",
+        "data.path=missing",
         cwd=tmp_path,
     )
-    assert result.returncode == 2
-    assert "objective.prior_momentum: Input should be less than 1" in result.stderr
+    assert unrunnable.returncode == 2
     assert "model.backbone: unknown backbone 'resnet19'; close timm names: resnet18" in (
-        result.stderr
+        unrunnable.stderr
     )
+    assert "data.path: path 'missing' does not exist" in unrunnable.stderr
     assert not (tmp_path / "runs").exists(), "a rejected config must create nothing"
 
 

@@ -1,18 +1,16 @@
-"""The REST routes (thin: the work is in `service.jobs` and `service.dispatcher`)."""
+"""The job routes (thin: the work is in `service.jobs` and `service.dispatcher`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from service.deps import (
-    ANONYMOUS,
     DispatcherDep,
     Owner,
     RayDep,
@@ -21,52 +19,23 @@ from service.deps import (
     StoreDep,
     TrackingDep,
 )
-from service.dispatcher import Dispatcher
-from service.jobs import Accepted, InvalidJobError, JobFinishedError, cancel_job, submit_job
 from service.ray_jobs import RayJobNotFoundError, RayJobsClient, RayUnavailableError
-from service.schemas import (
-    Check,
-    JobCreate,
-    JobList,
-    JobMetrics,
-    JobOut,
-    MetricPointOut,
-    Readiness,
+from service.routes.common import (
+    IdempotencyKey,
+    accept,
+    announce,
+    cancel_owned,
+    find_job,
+    list_page,
+    unavailable,
 )
-from service.settings import Settings
-from service.store import Job, JobKind, JobState, JobStore
-from service.tracking import Tracking, TrackingUnavailableError
-from trainer.config import TrainConfig
-from tuning.config import SweepConfig
+from service.schemas import JobCreate, JobList, JobMetrics, JobOut, MetricPointOut
+from service.store import JobKind, JobState, JobStore
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
-health = APIRouter(tags=["health"])
 
 LOG_POLL_S = 1.0
-IdempotencyKey = Annotated[
-    str | None,
-    Header(max_length=256, description="A retry with the same key returns the same record."),
-]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No job with this id."}}
-
-
-def invalid(error: InvalidJobError) -> JSONResponse:
-    """A 422 shaped like FastAPI's own validation errors."""
-    detail = [{"loc": list(error.loc), "msg": error.message, "type": "value_error"}]
-    return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
-
-
-def unavailable(what: str, error: Exception) -> HTTPException:
-    """A 503 naming the dependency that is down."""
-    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"{what} unavailable: {error}")
-
-
-def find_job(store: JobStore, job_id: str) -> Job:
-    """The record, or 404."""
-    job = store.get(job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
-    return job
 
 
 @router.post(
@@ -95,44 +64,6 @@ async def create_job(
     return JobOut.of(accepted.job, settings)
 
 
-async def accept(
-    config: TrainConfig | SweepConfig,
-    name: str | None,
-    tags: dict[str, str],
-    owner: str,
-    store: JobStore,
-    tracking: Tracking,
-    settings: Settings,
-    idempotency_key: str | None,
-) -> Accepted | JSONResponse:
-    """Record a job or sweep (`submit_job`), or the 422 / 503 that says why not."""
-    try:
-        return await run_in_threadpool(
-            submit_job,
-            store,
-            tracking,
-            settings,
-            owner=owner,
-            config=config,
-            name=name,
-            tags=tags,
-            idempotency_key=idempotency_key,
-        )
-    except InvalidJobError as error:
-        return invalid(error)
-    except TrackingUnavailableError as error:  # nothing was recorded
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
-
-
-def announce(accepted: Accepted, response: Response, dispatcher: Dispatcher, prefix: str) -> None:
-    """Location (and replay) headers; a new record wakes the dispatcher up."""
-    response.headers["Location"] = f"{prefix}/{accepted.job.id}"
-    if accepted.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    else:
-        dispatcher.wakeup.set()
-
-
 @router.get("/jobs", response_model=JobList)
 def list_jobs(
     _reader: Reader,
@@ -144,24 +75,6 @@ def list_jobs(
 ) -> JobList:
     """Training jobs newest first, optionally filtered by state (sweeps: ``/v1/sweeps``)."""
     return list_page(store, settings, JobKind.TRAIN, state, offset, limit)
-
-
-def list_page(
-    store: JobStore,
-    settings: Settings,
-    kind: JobKind,
-    states: list[JobState] | None,
-    offset: int,
-    limit: int,
-) -> JobList:
-    """One page of the records of ``kind``, newest first."""
-    page = store.page(states=states or [], kind=kind, offset=offset, limit=limit)
-    return JobList(
-        items=[JobOut.of(job, settings) for job in page.items],
-        total=page.total,
-        offset=offset,
-        limit=limit,
-    )
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=NOT_FOUND)
@@ -185,20 +98,6 @@ def cancel(
 ) -> JobOut:
     """Cancel a job (stops its Ray job); 409 when it already ended."""
     return JobOut.of(cancel_owned(find_job(store, job_id), owner, store, ray, tracking), settings)
-
-
-def cancel_owned(
-    job: Job, owner: str, store: JobStore, ray: RayJobsClient, tracking: Tracking
-) -> Job:
-    """`cancel_job` for the job's owner: 403 for another owner, 409 when it already ended."""
-    if owner != ANONYMOUS and job.owner != owner:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"job {job.id!r} belongs to another owner")
-    try:
-        return cancel_job(store, ray, tracking, job)
-    except JobFinishedError as error:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
-    except RayUnavailableError as error:
-        raise unavailable("Ray", error) from None
 
 
 @router.get(
@@ -286,33 +185,3 @@ def metrics_history(
             for key, points in raw.items()
         }
     return JobMetrics(job_id=job.id, mlflow_run_id=job.mlflow_run_id, metrics=history)
-
-
-@health.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process is up."""
-    return {"status": "ok"}
-
-
-def _check(probe: Callable[[], None]) -> Check:
-    try:
-        probe()
-    except Exception as error:
-        return Check(ok=False, error=f"{type(error).__name__}: {error}"[:500])
-    return Check(ok=True)
-
-
-@health.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
-async def readyz(store: StoreDep, ray: RayDep, tracking: TrackingDep) -> JSONResponse:
-    """Database, Ray and MLflow each reachable (503 when one is not)."""
-    database, ray_check, mlflow = await asyncio.gather(
-        asyncio.to_thread(_check, store.ping),
-        asyncio.to_thread(_check, ray.ping),
-        asyncio.to_thread(_check, tracking.ping),
-    )
-    body = Readiness(
-        ready=database.ok and ray_check.ok and mlflow.ok,
-        checks={"database": database, "ray": ray_check, "mlflow": mlflow},
-    )
-    code = status.HTTP_200_OK if body.ready else status.HTTP_503_SERVICE_UNAVAILABLE
-    return JSONResponse(body.model_dump(), status_code=code)

@@ -1,7 +1,8 @@
 """The sweep routes: a sweep is a record like a job, run by ``python -m tuning.run``.
 
-Sweeps share the jobs' store, queue, auth, validation and cancellation (`service.api`);
-their trials are read from MLflow, where each trial is a child run of the sweep's run.
+Sweeps share the jobs' store, queue, auth, validation and cancellation
+(`service.routes.common`); their trials are read from MLflow, where each trial is a child
+run of the sweep's run.
 """
 
 from __future__ import annotations
@@ -12,15 +13,6 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from service.api import (
-    IdempotencyKey,
-    accept,
-    announce,
-    cancel_owned,
-    find_job,
-    list_page,
-    unavailable,
-)
 from service.deps import (
     DispatcherDep,
     Owner,
@@ -29,6 +21,15 @@ from service.deps import (
     SettingsDep,
     StoreDep,
     TrackingDep,
+)
+from service.routes.common import (
+    IdempotencyKey,
+    accept,
+    announce,
+    cancel_owned,
+    find_job,
+    list_page,
+    unavailable,
 )
 from service.schemas import JobList, SweepCreate, SweepOut
 from service.store import Job, JobKind, JobState, JobStore

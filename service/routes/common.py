@@ -1,0 +1,116 @@
+"""What the job and sweep routes share (no routes here): headers, errors, accept, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Header, HTTPException, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from service.deps import ANONYMOUS
+from service.dispatcher import Dispatcher
+from service.jobs import Accepted, InvalidJobError, JobFinishedError, cancel_job, submit_job
+from service.ray_jobs import RayJobsClient, RayUnavailableError
+from service.schemas import JobList, JobOut
+from service.settings import Settings
+from service.store import Job, JobKind, JobState, JobStore
+from service.tracking import Tracking, TrackingUnavailableError
+from trainer.config import TrainConfig
+from tuning.config import SweepConfig
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(max_length=256, description="A retry with the same key returns the same record."),
+]
+
+
+def invalid(error: InvalidJobError) -> JSONResponse:
+    """A 422 shaped like FastAPI's own validation errors."""
+    detail = [
+        {"loc": list(loc), "msg": message, "type": "value_error"} for loc, message in error.problems
+    ]
+    return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def unavailable(what: str, error: Exception) -> HTTPException:
+    """A 503 naming the dependency that is down."""
+    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"{what} unavailable: {error}")
+
+
+def find_job(store: JobStore, job_id: str) -> Job:
+    """The record, or 404."""
+    job = store.get(job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
+    return job
+
+
+async def accept(
+    config: TrainConfig | SweepConfig,
+    name: str | None,
+    tags: dict[str, str],
+    owner: str,
+    store: JobStore,
+    tracking: Tracking,
+    settings: Settings,
+    idempotency_key: str | None,
+) -> Accepted | JSONResponse:
+    """Record a job or sweep (`submit_job`), or the 422 / 503 that says why not."""
+    try:
+        return await run_in_threadpool(
+            submit_job,
+            store,
+            tracking,
+            settings,
+            owner=owner,
+            config=config,
+            name=name,
+            tags=tags,
+            idempotency_key=idempotency_key,
+        )
+    except InvalidJobError as error:
+        return invalid(error)
+    except TrackingUnavailableError as error:  # nothing was recorded
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
+
+
+def announce(accepted: Accepted, response: Response, dispatcher: Dispatcher, prefix: str) -> None:
+    """Location (and replay) headers; a new record wakes the dispatcher up."""
+    response.headers["Location"] = f"{prefix}/{accepted.job.id}"
+    if accepted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        dispatcher.wakeup.set()
+
+
+def list_page(
+    store: JobStore,
+    settings: Settings,
+    kind: JobKind,
+    states: list[JobState] | None,
+    offset: int,
+    limit: int,
+) -> JobList:
+    """One page of the records of ``kind``, newest first."""
+    page = store.page(states=states or [], kind=kind, offset=offset, limit=limit)
+    return JobList(
+        items=[JobOut.of(job, settings) for job in page.items],
+        total=page.total,
+        offset=offset,
+        limit=limit,
+    )
+
+
+def cancel_owned(
+    job: Job, owner: str, store: JobStore, ray: RayJobsClient, tracking: Tracking
+) -> Job:
+    """`cancel_job` for the job's owner: 403 for another owner, 409 when it already ended."""
+    if owner != ANONYMOUS and job.owner != owner:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"job {job.id!r} belongs to another owner")
+    try:
+        return cancel_job(store, ray, tracking, job)
+    except JobFinishedError as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    except RayUnavailableError as error:
+        raise unavailable("Ray", error) from None

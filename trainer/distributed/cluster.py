@@ -1,0 +1,88 @@
+"""Where a run's workers go, and whether the cluster can ever hold them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from trainer.config import TrainConfig
+from trainer.distributed.errors import InsufficientResourcesError, LaunchError
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How the workers are placed: their count and each one's resources."""
+
+    workers: int
+    use_gpu: bool
+    resources_per_worker: dict[str, float]
+    strategy: str
+
+
+def plan_placement(
+    config: TrainConfig,
+    workers: int | None = None,
+    *,
+    cluster_has_gpus: bool | None = None,
+    extra_resources: Mapping[str, float] | None = None,
+) -> Placement:
+    """Resources of each worker from the config (``device: auto`` uses GPUs if any)."""
+    count = workers if workers is not None else config.runtime.num_workers
+    if count < 1:
+        raise LaunchError(f"workers must be >= 1, got {count}")
+    device = config.runtime.device
+    if cluster_has_gpus is None:
+        import ray  # the connected cluster's totals (callers have called ensure_ray_env)
+
+        cluster_has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = device == "cuda" or (device == "auto" and cluster_has_gpus)
+    resources = {"CPU": float(config.runtime.cpus_per_worker)}
+    if use_gpu:
+        resources["GPU"] = 1.0
+    resources.update({key: float(value) for key, value in (extra_resources or {}).items()})
+    return Placement(count, use_gpu, resources, config.runtime.placement_strategy)
+
+
+def check_cluster_capacity(placement: Placement, nodes: Sequence[Mapping[str, Any]]) -> None:
+    """Fail fast when the cluster's total resources can never hold the workers.
+
+    Ray would otherwise wait forever for a placement group that cannot be placed.
+    Each worker must fit on one node; ``STRICT_SPREAD`` needs a node per worker and
+    ``STRICT_PACK`` all workers on one node. Resources in use by other jobs are not
+    counted against the request (those free up).
+
+    Args:
+        placement: what the run asks for.
+        nodes: ``ray.nodes()`` entries (``Alive`` and total ``Resources``).
+    """
+    need = {key: value for key, value in placement.resources_per_worker.items() if value > 0}
+    alive = [node for node in nodes if node.get("Alive", False)]
+    fits = []
+    for node in alive:
+        total = node.get("Resources", {})
+        fits.append(
+            min(math.floor(total.get(key, 0.0) / value + 1e-9) for key, value in need.items())
+        )
+    if placement.strategy == "STRICT_SPREAD":
+        slots = sum(1 for fit in fits if fit >= 1)
+    elif placement.strategy == "STRICT_PACK":
+        slots = max(fits, default=0)
+    else:
+        slots = sum(fits)
+    if slots >= placement.workers:
+        return
+    totals: dict[str, float] = {}
+    for node in alive:
+        for key, value in node.get("Resources", {}).items():
+            if key in need:
+                totals[key] = totals.get(key, 0.0) + value
+    wanted = ", ".join(f"{key}={value:g}" for key, value in sorted(need.items()))
+    have = ", ".join(f"{key}={totals.get(key, 0.0):g}" for key in sorted(need)) or "nothing"
+    raise InsufficientResourcesError(
+        f"the run asks for {placement.workers} workers with {{{wanted}}} each "
+        f"({placement.strategy}), but the Ray cluster ({len(alive)} alive node(s), "
+        f"{have} in total) can place at most {slots}; lower --workers or "
+        "runtime.cpus_per_worker, use a CPU device, or add nodes"
+    )
