@@ -3,15 +3,38 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.settings import Settings
 from service.store import Job, JobState
 from trainer.config import TrainConfig
+from trainer.mlflow_names import RESERVED_TAG_PREFIXES
 from tuning.config import SweepConfig
 from tuning.report import TrialRecord, best_trial
+
+MAX_TAGS = 50
+"""User tags per job (each is also an MLflow tag)."""
+
+
+def _unreserved(tags: dict[str, str]) -> dict[str, str]:
+    reserved = sorted(key for key in tags if key.startswith(RESERVED_TAG_PREFIXES))
+    if reserved:
+        prefixes = " and ".join(repr(prefix) for prefix in RESERVED_TAG_PREFIXES)
+        raise ValueError(f"tags {reserved} use a reserved prefix ({prefixes} belong to klssl)")
+    return tags
+
+
+UserTags = Annotated[
+    dict[
+        Annotated[str, Field(min_length=1, max_length=250)],  # MLflow's limit on tag keys
+        Annotated[str, Field(max_length=5000)],
+    ],
+    Field(max_length=MAX_TAGS),
+    AfterValidator(_unreserved),
+]
+"""Free-form tags: bounded, and never one of klssl's or MLflow's own."""
 
 
 class JobCreate(BaseModel):
@@ -23,8 +46,9 @@ class JobCreate(BaseModel):
         None, min_length=1, max_length=256, description="Display name (default: config.name)."
     )
     config: TrainConfig = Field(description="The training config (the TrainConfig schema).")
-    tags: dict[str, str] = Field(
-        default_factory=dict, description="Free-form tags, also set on the MLflow run."
+    tags: UserTags = Field(
+        default_factory=dict,
+        description="Free-form tags, also set on the MLflow run (not klssl.* or mlflow.*).",
     )
 
 
@@ -157,8 +181,9 @@ class SweepCreate(BaseModel):
         None, min_length=1, max_length=256, description="Display name (default: config.name)."
     )
     config: SweepConfig = Field(description="The sweep (the SweepConfig schema).")
-    tags: dict[str, str] = Field(
-        default_factory=dict, description="Free-form tags, also set on the parent MLflow run."
+    tags: UserTags = Field(
+        default_factory=dict,
+        description="Free-form tags, also set on the parent MLflow run (not klssl.* or mlflow.*).",
     )
 
 

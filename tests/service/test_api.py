@@ -139,6 +139,30 @@ def test_invalid_config_is_a_422_with_the_field_and_leaves_nothing(
     assert fake_ray.submissions == []
 
 
+@pytest.mark.parametrize(
+    ("route", "tags", "reason"),
+    [
+        ("/v1/jobs", {"mlflow.runName": "x"}, "reserved prefix"),
+        ("/v1/jobs", {"klssl.health": "ok"}, "reserved prefix"),
+        ("/v1/sweeps", {"mlflow.parentRunId": "someone-elses-sweep"}, "reserved prefix"),
+        ("/v1/jobs", {"k" * 251: "v"}, "at most 250 characters"),
+        ("/v1/jobs", {f"t{i}": "v" for i in range(51)}, "at most 50 items"),
+    ],
+)
+def test_reserved_or_oversized_tags_are_a_422_and_leave_nothing(
+    route: str, tags: dict[str, str], reason: str, client: TestClient, services: Services
+) -> None:
+    body: dict[str, Any] = job_body("svc-tags")
+    if route == "/v1/sweeps":
+        space = {"objective.teacher_temp": {"type": "uniform", "low": 0.03, "high": 0.06}}
+        body["config"] = {"base": body["config"], "space": space, "num_samples": 2}
+    response = client.post(route, json={**body, "tags": tags}, headers=ALICE)
+    assert response.status_code == 422, response.text
+    (problem,) = response.json()["detail"]
+    assert problem["loc"][:2] == ["body", "tags"] and reason in problem["msg"], problem
+    assert run_count(services, "svc-tags") == 0
+
+
 def test_a_path_inside_the_roots_is_accepted_resolved(client: TestClient, data_root: Path) -> None:
     body = job_body("svc-path")
     body["config"]["data"].update(
