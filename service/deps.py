@@ -20,7 +20,30 @@ from service.settings import Settings
 from service.store import JobStore
 from service.tracking import Tracking
 
-ANONYMOUS = "anonymous"
+LOCAL_OWNER = "local"
+"""The owner of what is submitted while authentication is off (a single local user)."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the owner recorded on what they submit, and what they may see.
+
+    Authentication off (no ``api_tokens``) is its own mode, not an owner name: the one
+    local user sees everything. With tokens, an owner sees their own records, an admin
+    (``admin_owners``) everyone's.
+    """
+
+    owner: str
+    sees_everything: bool = False
+
+    def may_see(self, owner: str) -> bool:
+        """Whether records of ``owner`` exist for this caller (others are a 404)."""
+        return self.sees_everything or owner == self.owner
+
+    @property
+    def only_owner(self) -> str | None:
+        """The owner a listing is filtered to (None: every owner)."""
+        return None if self.sees_everything else self.owner
 
 
 @dataclass
@@ -80,31 +103,31 @@ def _owner_of(presented: str, tokens: dict[str, str]) -> str | None:
 async def authenticate(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     settings: Annotated[Settings, Depends(get_settings)],
-) -> str:
+) -> Caller:
     """The caller's identity from its bearer token (401 when missing or unknown)."""
     if not settings.api_tokens:
-        return ANONYMOUS
+        return Caller(LOCAL_OWNER, sees_everything=True)
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token", challenge)
     owner = _owner_of(credentials.credentials, settings.api_tokens)
     if owner is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid bearer token", challenge)
-    return owner
+    return Caller(owner, sees_everything=owner in settings.admin_owners)
 
 
 async def authenticate_reader(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     settings: Annotated[Settings, Depends(get_settings)],
-) -> str:
-    """Like `authenticate` when ``auth_reads`` is on, else anyone may read."""
+) -> Caller:
+    """Like `authenticate` when ``auth_reads`` is on, else anyone may read everything."""
     if not settings.auth_reads:
-        return ANONYMOUS
+        return Caller("", sees_everything=True)
     return await authenticate(credentials, settings)
 
 
-Owner = Annotated[str, Depends(authenticate)]
-Reader = Annotated[str, Depends(authenticate_reader)]
+Owner = Annotated[Caller, Depends(authenticate)]
+Reader = Annotated[Caller, Depends(authenticate_reader)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 RayDep = Annotated[RayJobsClient, Depends(get_ray)]
 TrackingDep = Annotated[Tracking, Depends(get_tracking)]

@@ -73,7 +73,16 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Bearer token -> owner. Empty: authentication is off (local use only).",
     )
-    auth_reads: bool = Field(True, description="Read endpoints also need a valid token.")
+    auth_reads: bool = Field(
+        True,
+        description="Read endpoints also need a valid token. Off: anyone may read every "
+        "record (a public, read-only view); submitting and cancelling still need a token.",
+    )
+    admin_owners: list[str] = Field(
+        default_factory=list,
+        description="Owners (values of api_tokens) who see and cancel every owner's jobs "
+        "and sweeps; every other owner sees only their own (another's is a 404).",
+    )
     allowed_data_roots: list[Path] = Field(
         default_factory=list,
         description="Dataset paths must resolve inside one of these (empty: no paths).",

@@ -114,9 +114,11 @@ class Tracking:
         self.client().delete_run(run_id)
 
     def terminate(self, run_id: str, status: str, *, children: bool = False) -> None:
-        """Close a run the driver left open (cancelled or lost job).
+        """Close a job's run with the job's final state: the service created the run,
+        so the service closes it (the driver only logs into it).
 
-        With ``children``, also the open runs below it (the trials of a sweep).
+        With ``children``, also the open runs below it (the trials of a sweep, which the
+        sweep's driver closes itself unless the driver was stopped).
         """
         from tuning.report import child_runs
 

@@ -519,8 +519,9 @@ def run_sweep(
             shared directory or ``s3://bucket/prefix``.
         sweep_id: the sweep's id (the Tune experiment name); a sweep id that already
             has an experiment resumes it.
-        parent_run_id: the MLflow parent run (pre-created by the REST service);
-            default: the parent run of an earlier attempt of ``sweep_id``, else a new one.
+        parent_run_id: the MLflow parent run (pre-created by the REST service, which
+            then closes it from the job's final state); default: the parent run of an
+            earlier attempt of ``sweep_id``, else a new one, closed here.
         resume: restore an existing experiment of ``sweep_id``; with False an existing
             experiment is an error.
 
@@ -529,8 +530,9 @@ def run_sweep(
         interrupted (a later call with the same ``sweep_id`` finishes it).
 
     Raises:
-        trainer.distributed.errors.LaunchError: before anything starts (cluster too small for one
-            trial, storage unreachable, an experiment exists and ``resume`` is False).
+        trainer.distributed.errors.LaunchError: before anything starts (cluster too small
+            for one trial, storage unreachable, an experiment exists and ``resume`` is
+            False).
     """
     require_train_v2()
     base = preflight(sweep.trial_base(), source="sweep base config on the driver")
@@ -601,10 +603,12 @@ def run_sweep(
                 verbose=int(os.environ.get("KLSSL_TUNE_VERBOSE", "1")),
             ),
         )
+    owns_parent = parent_run_id is None  # whoever creates a run closes it
     try:
         grid = tuner.fit()
     except BaseException:
-        finish_run(parent, "FAILED")
+        if owns_parent:
+            finish_run(parent, "FAILED")
         raise
     records = trials_from_mlflow(tracking_uri, parent.run_id)
     # Tune counts the trials it stopped on an interruption as ended; their runs are not.
@@ -632,6 +636,8 @@ def run_sweep(
         interrupted=interrupted,
     )
     set_tags(parent, {INTERRUPTED_TAG: str(interrupted).lower()})
+    if not owns_parent:
+        return result
     if interrupted:
         finish_run(parent, "KILLED")
     else:

@@ -8,7 +8,7 @@ from fastapi import Header, HTTPException, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from service.deps import ANONYMOUS
+from service.deps import Caller
 from service.dispatcher import Dispatcher
 from service.jobs import Accepted, InvalidJobError, JobFinishedError, cancel_job, submit_job
 from service.ray_jobs import RayJobsClient, RayUnavailableError
@@ -38,10 +38,10 @@ def unavailable(what: str, error: Exception) -> HTTPException:
     return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"{what} unavailable: {error}")
 
 
-def find_job(store: JobStore, job_id: str) -> Job:
-    """The record, or 404."""
+def find_job(store: JobStore, job_id: str, caller: Caller) -> Job:
+    """The record, or 404: also for another owner's record (its existence is not told)."""
     job = store.get(job_id)
-    if job is None:
+    if job is None or not caller.may_see(job.owner):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
     return job
 
@@ -88,12 +88,15 @@ def list_page(
     store: JobStore,
     settings: Settings,
     kind: JobKind,
+    caller: Caller,
     states: list[JobState] | None,
     offset: int,
     limit: int,
 ) -> JobList:
-    """One page of the records of ``kind``, newest first."""
-    page = store.page(states=states or [], kind=kind, offset=offset, limit=limit)
+    """One page of the caller's records of ``kind`` (everyone's for an admin), newest first."""
+    page = store.page(
+        states=states or [], kind=kind, owner=caller.only_owner, offset=offset, limit=limit
+    )
     return JobList(
         items=[JobOut.of(job, settings) for job in page.items],
         total=page.total,
@@ -102,12 +105,8 @@ def list_page(
     )
 
 
-def cancel_owned(
-    job: Job, owner: str, store: JobStore, ray: RayJobsClient, tracking: Tracking
-) -> Job:
-    """`cancel_job` for the job's owner: 403 for another owner, 409 when it already ended."""
-    if owner != ANONYMOUS and job.owner != owner:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"job {job.id!r} belongs to another owner")
+def cancel_owned(job: Job, store: JobStore, ray: RayJobsClient, tracking: Tracking) -> Job:
+    """`cancel_job` of a record `find_job` gave the caller; 409 when it already ended."""
     try:
         return cancel_job(store, ray, tracking, job)
     except JobFinishedError as error:

@@ -56,7 +56,7 @@ async def create_job(
 ) -> JobOut | JSONResponse:
     """Accept a training job: recorded QUEUED with its MLflow run, then dispatched to Ray."""
     accepted = await accept(
-        body.config, body.name, body.tags, owner, store, tracking, settings, idempotency_key
+        body.config, body.name, body.tags, owner.owner, store, tracking, settings, idempotency_key
     )
     if isinstance(accepted, JSONResponse):
         return accepted
@@ -66,7 +66,7 @@ async def create_job(
 
 @router.get("/jobs", response_model=JobList)
 def list_jobs(
-    _reader: Reader,
+    reader: Reader,
     store: StoreDep,
     settings: SettingsDep,
     state: Annotated[list[JobState] | None, Query(description="Only these states.")] = None,
@@ -74,19 +74,19 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobList:
     """Training jobs newest first, optionally filtered by state (sweeps: ``/v1/sweeps``)."""
-    return list_page(store, settings, JobKind.TRAIN, state, offset, limit)
+    return list_page(store, settings, JobKind.TRAIN, reader, state, offset, limit)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=NOT_FOUND)
-async def get_job(job_id: str, _reader: Reader, store: StoreDep, settings: SettingsDep) -> JobOut:
+async def get_job(job_id: str, reader: Reader, store: StoreDep, settings: SettingsDep) -> JobOut:
     """A job's state, progress, links and checkpoints."""
-    return JobOut.of(find_job(store, job_id), settings)
+    return JobOut.of(find_job(store, job_id, reader), settings)
 
 
 @router.post(
     "/jobs/{job_id}/cancel",
     response_model=JobOut,
-    responses={**NOT_FOUND, 403: {"description": "Another owner's job."}, 409: {}},
+    responses={**NOT_FOUND, 409: {"description": "The job already ended."}},
 )
 def cancel(
     job_id: str,
@@ -97,7 +97,7 @@ def cancel(
     settings: SettingsDep,
 ) -> JobOut:
     """Cancel a job (stops its Ray job); 409 when it already ended."""
-    return JobOut.of(cancel_owned(find_job(store, job_id), owner, store, ray, tracking), settings)
+    return JobOut.of(cancel_owned(find_job(store, job_id, owner), store, ray, tracking), settings)
 
 
 @router.get(
@@ -107,13 +107,13 @@ def cancel(
 )
 def logs(
     job_id: str,
-    _reader: Reader,
+    reader: Reader,
     store: StoreDep,
     ray: RayDep,
     follow: Annotated[bool, Query(description="Stream as server-sent events.")] = False,
 ) -> Response:
     """The driver's log; with ``follow=true`` a stream of ``log`` events and a final ``end``."""
-    job = find_job(store, job_id)
+    job = find_job(store, job_id, reader)
     if follow:
         return StreamingResponse(
             follow_logs(store, ray, job.id),
@@ -170,10 +170,10 @@ async def follow_logs(store: JobStore, ray: RayJobsClient, job_id: str) -> Async
 
 @router.get("/jobs/{job_id}/metrics", response_model=JobMetrics, responses=NOT_FOUND)
 def metrics_history(
-    job_id: str, _reader: Reader, store: StoreDep, tracking: TrackingDep
+    job_id: str, reader: Reader, store: StoreDep, tracking: TrackingDep
 ) -> JobMetrics:
     """Every metric's history from the job's MLflow run."""
-    job = find_job(store, job_id)
+    job = find_job(store, job_id, reader)
     history: dict[str, list[MetricPointOut]] = {}
     if job.mlflow_run_id is not None:
         try:

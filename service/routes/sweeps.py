@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from service.deps import (
+    Caller,
     DispatcherDep,
     Owner,
     RayDep,
@@ -39,9 +40,9 @@ router = APIRouter(prefix="/v1", tags=["sweeps"])
 SWEEP_NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"description": "No such sweep."}}
 
 
-def find_sweep(store: JobStore, sweep_id: str) -> Job:
+def find_sweep(store: JobStore, sweep_id: str, caller: Caller) -> Job:
     """The sweep's record, or 404 (a training job's id is not a sweep)."""
-    job = find_job(store, sweep_id)
+    job = find_job(store, sweep_id, caller)
     if job.kind != JobKind.SWEEP:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no sweep {sweep_id!r}")
     return job
@@ -76,7 +77,7 @@ async def create_sweep(
 ) -> SweepOut | JSONResponse:
     """Accept a sweep: recorded QUEUED with its parent MLflow run, then dispatched to Ray."""
     accepted = await accept(
-        body.config, body.name, body.tags, owner, store, tracking, settings, idempotency_key
+        body.config, body.name, body.tags, owner.owner, store, tracking, settings, idempotency_key
     )
     if isinstance(accepted, JSONResponse):
         return accepted
@@ -86,7 +87,7 @@ async def create_sweep(
 
 @router.get("/sweeps", response_model=JobList)
 def list_sweeps(
-    _reader: Reader,
+    reader: Reader,
     store: StoreDep,
     settings: SettingsDep,
     state: Annotated[list[JobState] | None, Query(description="Only these states.")] = None,
@@ -94,22 +95,22 @@ def list_sweeps(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobList:
     """Sweeps newest first (their progress counts trials), optionally filtered by state."""
-    return list_page(store, settings, JobKind.SWEEP, state, offset, limit)
+    return list_page(store, settings, JobKind.SWEEP, reader, state, offset, limit)
 
 
 @router.get("/sweeps/{sweep_id}", response_model=SweepOut, responses=SWEEP_NOT_FOUND)
 async def get_sweep(
-    sweep_id: str, _reader: Reader, store: StoreDep, tracking: TrackingDep, settings: SettingsDep
+    sweep_id: str, reader: Reader, store: StoreDep, tracking: TrackingDep, settings: SettingsDep
 ) -> SweepOut:
     """A sweep's state and its trials: configs, metrics, states and the best trial."""
-    job = await run_in_threadpool(find_sweep, store, sweep_id)
+    job = await run_in_threadpool(find_sweep, store, sweep_id, reader)
     return await with_trials(job, tracking, settings)
 
 
 @router.post(
     "/sweeps/{sweep_id}/cancel",
     response_model=SweepOut,
-    responses={**SWEEP_NOT_FOUND, 403: {"description": "Another owner's sweep."}, 409: {}},
+    responses={**SWEEP_NOT_FOUND, 409: {"description": "The sweep already ended."}},
 )
 async def cancel_sweep(
     sweep_id: str,
@@ -120,6 +121,6 @@ async def cancel_sweep(
     settings: SettingsDep,
 ) -> SweepOut:
     """Cancel a sweep: its Ray job stops, and with it every running trial; 409 when ended."""
-    job = await run_in_threadpool(find_sweep, store, sweep_id)
-    cancelled = await run_in_threadpool(cancel_owned, job, owner, store, ray, tracking)
+    job = await run_in_threadpool(find_sweep, store, sweep_id, owner)
+    cancelled = await run_in_threadpool(cancel_owned, job, store, ray, tracking)
     return await with_trials(cancelled, tracking, settings)

@@ -179,8 +179,82 @@ def test_tokens_are_required_and_owners_are_enforced(client: TestClient) -> None
     assert client.post("/v1/jobs", json=job_body(), headers=wrong).status_code == 401
     assert client.get("/v1/jobs").status_code == 401
     job = client.post("/v1/jobs", json=job_body(), headers=ALICE).json()
-    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=BOB).status_code == 403
-    assert client.get(f"/v1/jobs/{job['id']}", headers=BOB).status_code == 200
+    assert job["owner"] == "alice"
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=BOB).status_code == 404
+
+
+def sweep_of(body: dict[str, Any]) -> dict[str, Any]:
+    space = {"objective.teacher_temp": {"type": "uniform", "low": 0.03, "high": 0.06}}
+    return {**body, "config": {"base": body["config"], "space": space, "num_samples": 2}}
+
+
+def test_another_owners_records_do_not_exist_for_a_caller(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    job = client.post("/v1/jobs", json=job_body("svc-own"), headers=ALICE).json()
+    sweep = client.post("/v1/sweeps", json=sweep_of(job_body("svc-own")), headers=ALICE).json()
+    services.dispatcher.run_once()
+    for path in (f"/v1/jobs/{job['id']}", f"/v1/sweeps/{sweep['id']}"):
+        for suffix in ("", "/logs", "/logs?follow=true", "/metrics"):
+            if "sweeps" in path and suffix:
+                continue
+            response = client.get(path + suffix, headers=BOB)
+            assert response.status_code == 404, (path + suffix, response.text)
+            # Exactly what an id that never existed answers: nothing is told.
+            assert response.json() == {"detail": f"no job {path.rsplit('/', 1)[1]!r}"}
+        assert client.post(f"{path}/cancel", headers=BOB).status_code == 404
+    assert client.get("/v1/jobs", headers=BOB).json()["total"] == 0
+    assert client.get("/v1/sweeps", headers=BOB).json()["total"] == 0
+    assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 1
+    assert client.get(f"/v1/jobs/{job['id']}", headers=ALICE).status_code == 200
+    assert fake_ray.stopped == []
+
+
+def test_an_admin_sees_and_cancels_every_owners_records(
+    settings: Settings, fake_ray: FakeRay
+) -> None:
+    tokens = {**settings.api_tokens, "token-root-5555555555": "root"}
+    app = create_app(
+        settings.model_copy(update={"api_tokens": tokens, "admin_owners": ["root"]}),
+        ray_client=fake_ray,
+        run_dispatcher=False,
+    )
+    root = {"Authorization": "Bearer token-root-5555555555"}
+    with TestClient(app) as client:
+        job = client.post("/v1/jobs", json=job_body("svc-admin"), headers=ALICE).json()
+        assert client.get("/v1/jobs", headers=root).json()["total"] == 1
+        assert client.get(f"/v1/jobs/{job['id']}", headers=root).status_code == 200
+        cancelled = client.post(f"/v1/jobs/{job['id']}/cancel", headers=root)
+        assert cancelled.status_code == 200 and cancelled.json()["state"] == "CANCELLED"
+
+
+def test_an_owner_named_anonymous_is_an_ordinary_owner(
+    settings: Settings, fake_ray: FakeRay
+) -> None:
+    """Authentication off is a mode, not an owner name: 'anonymous' gains nothing."""
+    tokens = {**settings.api_tokens, "token-anon-4444444444": "anonymous"}
+    app = create_app(
+        settings.model_copy(update={"api_tokens": tokens}), ray_client=fake_ray,
+        run_dispatcher=False,
+    )  # fmt: skip
+    anonymous = {"Authorization": "Bearer token-anon-4444444444"}
+    with TestClient(app) as client:
+        job = client.post("/v1/jobs", json=job_body("svc-anon"), headers=ALICE).json()
+        assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=anonymous).status_code == 404
+        assert client.get("/v1/jobs", headers=anonymous).json()["total"] == 0
+
+
+def test_without_tokens_the_one_local_user_owns_everything(
+    settings: Settings, fake_ray: FakeRay
+) -> None:
+    app = create_app(
+        settings.model_copy(update={"api_tokens": {}}), ray_client=fake_ray, run_dispatcher=False
+    )
+    with TestClient(app) as client:
+        job = client.post("/v1/jobs", json=job_body("svc-local")).json()
+        assert job["owner"] == "local"
+        assert client.get("/v1/jobs").json()["total"] == 1
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
 
 
 def test_unknown_ids_are_404(client: TestClient) -> None:

@@ -132,7 +132,7 @@ def test_cancelling_a_sweep_stops_its_ray_job_and_closes_its_runs(
         mlflow.get_run(sweep["mlflow_run_id"]).info.experiment_id,
         tags={"mlflow.parentRunId": sweep["mlflow_run_id"], "klssl.trial_id": "t1"},
     )
-    assert client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=BOB).status_code == 403
+    assert client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=BOB).status_code == 404
     cancelled = client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=ALICE)
     assert cancelled.status_code == 200, cancelled.text
     assert cancelled.json()["state"] == "CANCELLED"

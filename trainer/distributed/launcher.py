@@ -4,8 +4,11 @@
 training job (`launch_training`) and every sweep trial (`tuning.driver.trial_main`, which
 adds only its Tune report callback) launch through it. `launch_training` checks that the
 cluster can ever hold the workers and that the storage is writable, creates or attaches
-the MLflow run, fits, and closes the run. A worker failure restarts the group from the
-newest checkpoint up to ``runtime.max_failures`` times, logging into the same MLflow run.
+the MLflow run, and fits. Whoever creates an MLflow run closes it: a run this driver
+created it closes (FINISHED or FAILED); a run it was given (``mlflow_run_id``, the
+service's) it only logs into, and the service closes it from the job's final state.
+A worker failure restarts the group from the newest checkpoint up to
+``runtime.max_failures`` times, logging into the same MLflow run.
 """
 
 from __future__ import annotations
@@ -176,7 +179,8 @@ def launch_training(
         tracking_uri: MLflow tracking URI (None: no MLflow tracking).
         run_name: the Ray Train run name, unique per job; reusing the name of an
             interrupted run resumes it from its newest checkpoint.
-        mlflow_run_id: continue this MLflow run instead of creating one.
+        mlflow_run_id: log into this MLflow run instead of creating one (its creator
+            closes it; the driver closes only a run it created).
         tags: MLflow run tags (job id, Ray job id, git sha, ...).
         extra_resources: more Ray resources per worker (custom resources).
         register_as: register the exported backbone under this model name.
@@ -242,10 +246,10 @@ def launch_training(
             train_loop=train_loop,
         )
     except BaseException:
-        if tracked is not None:
+        if tracked is not None and mlflow_run_id is None:
             finish_run(tracked, "FAILED")
         raise
-    if tracked is not None:
+    if tracked is not None and mlflow_run_id is None:
         finish_run(tracked, "FINISHED")
     return LaunchResult(
         metrics={key: float(value) for key, value in outcome.value.get("metrics", {}).items()},
