@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 from fastapi import FastAPI, Response
+from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -20,6 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.deps import Services
 from service.dispatcher import Dispatcher
+from service.errors import validation_error
+from service.limits import BodyLimit
 from service.ray_jobs import RayJobs, RayJobsClient
 from service.routes import health, jobs, sweeps
 from service.settings import Settings
@@ -129,7 +132,9 @@ def create_app(
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     )
 
-    app.add_middleware(RequestLatency, histogram=latency)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestLatency, histogram=latency)  # outermost: times the 413s too
 
     @app.get("/metrics", tags=["health"], include_in_schema=True)
     def metrics() -> Response:

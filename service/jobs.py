@@ -8,6 +8,8 @@ written the run is deleted again. Submission to Ray is the dispatcher's job.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from service.settings import Settings
 from service.store import (
     IdempotencyConflictError,
     Job,
+    JobKind,
     JobState,
     JobStore,
     new_job_id,
@@ -57,6 +60,38 @@ class Accepted:
     replayed: bool
 
 
+def request_hash(
+    kind: JobKind, config: TrainConfig | SweepConfig, name: str | None, tags: dict[str, str]
+) -> str:
+    """SHA-256 of what a request asks for (kind, validated config, name, tags)."""
+    canonical = json.dumps(
+        {"kind": kind.value, "config": config.model_dump(mode="json"), "name": name,
+         "tags": tags},
+        sort_keys=True, separators=(",", ":"),
+    )  # fmt: skip
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def replay_of(existing: Job, kind: JobKind, fingerprint: str) -> Job:
+    """The record an Idempotency-Key already names, if this request is the same one.
+
+    Raises:
+        InvalidJobError: the key names a record of another kind or another request.
+    """
+    loc = ("header", "Idempotency-Key")
+    if existing.kind != kind.value:
+        raise InvalidJobError(
+            [(loc, f"this key was used for a {existing.kind} job ({existing.id}), not a "
+              f"{kind.value}; use a new key")]
+        )  # fmt: skip
+    if existing.request_hash is not None and existing.request_hash != fingerprint:
+        raise InvalidJobError(
+            [(loc, f"this key was used for another request (job {existing.id}); a retry "
+              "must repeat the same body, a new request needs a new key")]
+        )  # fmt: skip
+    return existing
+
+
 def checked(config: TrainConfig | SweepConfig, roots: list[Path]) -> TrainConfig | SweepConfig:
     """The config (or the sweep's base) after `trainer.preflight`: paths resolved inside
     the allowed roots and present, the backbone known to timm.
@@ -88,13 +123,19 @@ def submit_job(
     """Record a QUEUED job (or sweep) with its MLflow run, or the job of a repeated key.
 
     A sweep's run is the parent run of its trials, tagged with the sweep id (the job id).
+    An Idempotency-Key is bound to its owner, the kind of job and the request: the same
+    key with another body or on the other route is refused.
+
+    Raises:
+        InvalidJobError: the config cannot run here, or the key was used for another request.
     """
+    info = kind_of(config)
+    fingerprint = request_hash(info.kind, config, name, tags)
     if idempotency_key is not None:
         existing = store.by_idempotency_key(owner, idempotency_key)
         if existing is not None:
-            return Accepted(existing, replayed=True)
+            return Accepted(replay_of(existing, info.kind, fingerprint), replayed=True)
     config = checked(config, settings.allowed_data_roots)
-    info = kind_of(config)
     job_id = new_job_id()
     run_tags = {**tags, JOB_ID_TAG: job_id, OWNER_TAG: owner}
     run_tags |= info.run_tags(job_id)
@@ -117,6 +158,7 @@ def submit_job(
         name=name or info.name(config),
         owner=owner,
         idempotency_key=idempotency_key,
+        request_hash=fingerprint,
         spec=spec,
         tags=tags,
         state=JobState.QUEUED.value,
@@ -136,7 +178,7 @@ def submit_job(
         assert idempotency_key is not None
         winner = store.by_idempotency_key(owner, idempotency_key)
         assert winner is not None
-        return Accepted(winner, replayed=True)
+        return Accepted(replay_of(winner, info.kind, fingerprint), replayed=True)
     except Exception:
         tracking.delete_run(run_id)
         raise

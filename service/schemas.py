@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from service.settings import Settings
 from service.store import Job, JobState
@@ -26,6 +26,46 @@ def _unreserved(tags: dict[str, str]) -> dict[str, str]:
     return tags
 
 
+def unencodable_string(value: Any, path: str = "") -> str | None:
+    """The path of the first string (key or value) that UTF-8 cannot encode, if any.
+
+    JSON's ``\\ud800`` escapes decode to lone surrogates, which no database, MLflow or
+    file system takes: they are refused at the door instead of failing deep inside.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "<root>"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = unencodable_string(key, f"{path}.{key!r}".lstrip(".")) or unencodable_string(
+                item, f"{path}.{key}".lstrip(".")
+            )
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = unencodable_string(item, f"{path}.{index}".lstrip("."))
+            if found:
+                return found
+    return None
+
+
+class RequestBody(BaseModel):
+    """Base of request bodies: unknown fields are errors; every string is valid Unicode."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, raw: Any) -> Any:
+        where = unencodable_string(raw)
+        if where is not None:
+            raise ValueError(f"{where}: not valid Unicode (a lone surrogate)")
+        return raw
+
+
 UserTags = Annotated[
     dict[
         Annotated[str, Field(min_length=1, max_length=250)],  # MLflow's limit on tag keys
@@ -37,10 +77,8 @@ UserTags = Annotated[
 """Free-form tags: bounded, and never one of klssl's or MLflow's own."""
 
 
-class JobCreate(BaseModel):
+class JobCreate(RequestBody):
     """A training job to run: a TrainConfig plus an optional display name and tags."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(
         None, min_length=1, max_length=256, description="Display name (default: config.name)."
@@ -172,10 +210,8 @@ class Readiness(BaseModel):
     checks: dict[str, Check]
 
 
-class SweepCreate(BaseModel):
+class SweepCreate(RequestBody):
     """A sweep to run: a SweepConfig plus an optional display name and tags."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(
         None, min_length=1, max_length=256, description="Display name (default: config.name)."

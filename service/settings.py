@@ -87,6 +87,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Dataset paths must resolve inside one of these (empty: no paths).",
     )
+    max_request_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest request body accepted; a larger one is a 413 before it is read.",
+    )
     max_concurrent_jobs: int = Field(2, ge=1, description="Jobs submitted to Ray at once.")
     dispatch_interval_s: float = Field(
         2.0, gt=0, description="Seconds between dispatcher/reconciler rounds."

@@ -112,6 +112,8 @@ class Job(Base):
     )
     owner: Mapped[str] = mapped_column(String(128), index=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """SHA-256 of the request that created the record (binds its Idempotency-Key)."""
     spec: Mapped[StoredSpec] = mapped_column(SpecColumn)
     tags: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     state: Mapped[str] = mapped_column(String(16), index=True)

@@ -58,6 +58,7 @@ from trainer.mlflow_names import (
     DONE_TAG,
     ERROR_TAG,
     INTERRUPTED_TAG,
+    OWNER_TAG,
     PARENT_TAG,
     ROLE_TAG,
     RUN_NAME_TAG,
@@ -213,6 +214,8 @@ class TrialContext(BaseModel):
     tracking_uri: str
     storage_path: str
     """The storage path as the filesystem passed beside the context sees it."""
+    owner: str | None = None
+    """The sweep's owner, tagged on every trial run (the parent's owner)."""
     system_metrics: bool = True
 
 
@@ -245,6 +248,7 @@ def trial_run(
         SWEEP_ID_TAG: context.sweep_id,
         TRIAL_ID_TAG: trial_id,
         ROLE_TAG: "trial",
+        **({OWNER_TAG: context.owner} if context.owner is not None else {}),
         SAMPLE_TAG: json.dumps(dict(sample)),
         CONFIG_TAG: config.model_dump_json(),
     }
@@ -509,6 +513,7 @@ def run_sweep(
     sweep_id: str,
     parent_run_id: str | None = None,
     resume: bool = True,
+    owner: str | None = None,
 ) -> SweepResult:
     """Run (or resume) a sweep on the connected Ray cluster (a local Ray if none).
 
@@ -524,6 +529,7 @@ def run_sweep(
             earlier attempt of ``sweep_id``, else a new one, closed here.
         resume: restore an existing experiment of ``sweep_id``; with False an existing
             experiment is an error.
+        owner: who submitted the sweep (tagged on every trial run, as on the parent).
 
     Returns:
         The trials as MLflow records, the best trial, and whether the sweep was
@@ -564,6 +570,7 @@ def run_sweep(
         experiment_id=parent.experiment_id,
         tracking_uri=tracking_uri,
         storage_path=fs_path,
+        owner=owner,
     )
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(trial_main, context=context, filesystem=filesystem),

@@ -10,6 +10,7 @@ same view as the parent run's report: ``report/trials.json`` (one row per trial)
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,15 +21,20 @@ from pydantic import BaseModel, ConfigDict
 
 from trainer.mlflow_names import (
     CONFIG_TAG,
+    OWNER_TAG,
     PARENT_TAG,
     REPORT_ARTIFACT_DIR,
+    ROLE_TAG,
     SAMPLE_TAG,
     STOPPED_TAG,
+    SWEEP_ID_TAG,
     TRIAL_ID_TAG,
 )
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
 
 TRIALS_FILE = "trials.json"
 
@@ -67,25 +73,41 @@ def _client(tracking_uri: str) -> MlflowClient:
 
 
 def child_runs(client: MlflowClient, parent_run_id: str) -> list[Any]:
-    """Every MLflow run whose parent is ``parent_run_id`` (all pages)."""
+    """The trial runs of the sweep whose parent run is ``parent_run_id`` (all pages).
+
+    A trial is a run under the parent (``mlflow.parentRunId``) whose role is ``trial``
+    and whose sweep id and owner are the parent's: a run that merely names the parent
+    (anyone can set a tag in MLflow) is not one of its trials.
+    """
     parent = client.get_run(parent_run_id)
+    expected = {
+        key: parent.data.tags[key] for key in (SWEEP_ID_TAG, OWNER_TAG) if key in parent.data.tags
+    }
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{ROLE_TAG}` = 'trial'"
     runs: list[Any] = []
     token: str | None = None
     while True:
         page = client.search_runs(
             [parent.info.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+            filter_string=query,
             max_results=_PAGE,
             page_token=token,
         )
-        runs.extend(page)
+        # Compared here, not in the filter: the values need no quoting there.
+        runs.extend(
+            run for run in page if all(run.data.tags.get(k) == v for k, v in expected.items())
+        )
         token = page.token
         if not token:
             return runs
 
 
 def record_of(run: Any) -> TrialRecord:
-    """The `TrialRecord` of one child run."""
+    """The `TrialRecord` of one child run.
+
+    Raises:
+        ValueError: a tag that klssl writes as JSON does not hold JSON.
+    """
     tags = run.data.tags
     return TrialRecord(
         trial_id=tags.get(TRIAL_ID_TAG, run.info.run_name or run.info.run_id),
@@ -108,8 +130,13 @@ def trials_from_mlflow(tracking_uri: str, parent_run_id: str) -> list[TrialRecor
     Raises:
         mlflow.exceptions.MlflowException: the parent run does not exist.
     """
-    runs = child_runs(_client(tracking_uri), parent_run_id)
-    return sorted((record_of(run) for run in runs), key=lambda record: record.trial_id)
+    records = []
+    for run in child_runs(_client(tracking_uri), parent_run_id):
+        try:
+            records.append(record_of(run))
+        except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
+            log.warning("skipping malformed trial run %s: %s", run.info.run_id, error)
+    return sorted(records, key=lambda record: record.trial_id)
 
 
 def best_trial(records: Sequence[TrialRecord], metric: str, mode: str) -> TrialRecord | None:

@@ -73,6 +73,7 @@ def main(
     ] = True,
 ) -> None:
     """Run the sweep SWEEP_PATH (or the job of --spec) with Ray Tune, tracked in MLflow."""
+    owner: str | None = None
     if (sweep_path is None) == (spec_path is None):
         raise typer.BadParameter("give either SWEEP or --spec FILE", param_hint="SWEEP")
     try:
@@ -83,6 +84,7 @@ def main(
             sweep_id = spec.job_id or sweep_id
             mlflow_run_id = spec.mlflow_run_id or mlflow_run_id
             storage_path = spec.storage_path or storage_path
+            owner = spec.owner
         else:
             assert sweep_path is not None
             sweep = load_sweep(sweep_path, overrides or [])
@@ -109,6 +111,7 @@ def main(
             sweep_id=name,
             parent_run_id=mlflow_run_id,
             resume=resume,
+            owner=owner,
         )
     except PreflightError as error:
         console.print(f"[red]{error}[/]")

@@ -19,6 +19,9 @@ from service.tracking import Tracking, TrackingUnavailableError
 from trainer.config import TrainConfig
 from tuning.config import SweepConfig
 
+MAX_OFFSET = 10**9
+"""Largest list offset (beyond any store's row count; larger ones would overflow it)."""
+
 IdempotencyKey = Annotated[
     str | None,
     Header(max_length=256, description="A retry with the same key returns the same record."),

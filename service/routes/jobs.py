@@ -21,6 +21,7 @@ from service.deps import (
 )
 from service.ray_jobs import RayJobNotFoundError, RayJobsClient, RayUnavailableError
 from service.routes.common import (
+    MAX_OFFSET,
     IdempotencyKey,
     accept,
     announce,
@@ -70,7 +71,7 @@ def list_jobs(
     store: StoreDep,
     settings: SettingsDep,
     state: Annotated[list[JobState] | None, Query(description="Only these states.")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobList:
     """Training jobs newest first, optionally filtered by state (sweeps: ``/v1/sweeps``)."""

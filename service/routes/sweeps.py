@@ -24,6 +24,7 @@ from service.deps import (
     TrackingDep,
 )
 from service.routes.common import (
+    MAX_OFFSET,
     IdempotencyKey,
     accept,
     announce,
@@ -91,7 +92,7 @@ def list_sweeps(
     store: StoreDep,
     settings: SettingsDep,
     state: Annotated[list[JobState] | None, Query(description="Only these states.")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobList:
     """Sweeps newest first (their progress counts trials), optionally filtered by state."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,23 @@ def test_same_idempotency_key_returns_the_same_job(client: TestClient, services:
         "/v1/jobs", json=job_body("svc-idem"), headers={**BOB, "Idempotency-Key": "retry-1"}
     )
     assert other.json()["id"] != first.json()["id"]
+
+
+def test_an_idempotency_key_is_bound_to_its_request_and_kind(
+    client: TestClient, services: Services
+) -> None:
+    headers = {**ALICE, "Idempotency-Key": "retry-2"}
+    first = client.post("/v1/jobs", json=job_body("svc-idem2"), headers=headers)
+    assert first.status_code == 202
+    changed = job_body("svc-idem2")
+    changed["config"]["schedule"]["epochs"] = 3
+    for route, body in (("/v1/jobs", changed), ("/v1/sweeps", sweep_of(job_body("svc-idem2")))):
+        response = client.post(route, json=body, headers=headers)
+        assert response.status_code == 422, response.text
+        (problem,) = response.json()["detail"]
+        assert problem["loc"] == ["header", "Idempotency-Key"]
+        assert first.json()["id"] in problem["msg"]
+    assert run_count(services, "svc-idem2") == 1
 
 
 def bad_configs(data_root: Path, tmp_path: Path) -> dict[str, tuple[dict[str, Any], str, str]]:
@@ -400,3 +419,39 @@ def test_following_logs_survives_a_lost_log_source(
     assert body.count("data: line 1") == 1 and body.count("data: line 2") == 1
     assert "data: partial" in body and ": log source unavailable, retrying" in body
     assert body.rstrip().endswith('"error": null}')
+
+
+def test_hostile_inputs_are_4xx_never_5xx(client: TestClient, services: Services) -> None:
+    """Each of these was a 500 once (issue 11): they are the client's errors."""
+    listed = client.get("/v1/jobs", params={"offset": 2**63}, headers=ALICE)
+    assert listed.status_code == 422 and listed.json()["detail"][0]["loc"] == ["query", "offset"]
+
+    body = job_body("svc-hostile")
+    body["name"] = "\ud800"
+    raw = json.dumps(body)  # JSON escapes the lone surrogate as \ud800
+    response = client.post(
+        "/v1/jobs", content=raw, headers={**ALICE, "Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert "name: not valid Unicode" in response.json()["detail"][0]["msg"]
+
+    body = job_body("svc-hostile")
+    body["config"]["data"].update(kind="imagefolder", path="a" * 4000)
+    response = client.post("/v1/jobs", json=body, headers=ALICE)
+    assert response.status_code == 422, response.text
+    assert run_count(services, "svc-hostile") == 0
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read(client: TestClient) -> None:
+    limit = client.app.state.services.settings.max_request_bytes  # type: ignore[attr-defined]
+    big = b'{"config": {"name": "' + b"a" * limit + b'"}}'
+    headers = {**ALICE, "Content-Type": "application/json"}
+    announced = client.post("/v1/jobs", content=big, headers=headers)
+    assert announced.status_code == 413 and "limited to" in announced.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+        for start in range(0, len(big), 65536):
+            yield big[start : start + 65536]
+
+    streamed = client.post("/v1/jobs", content=chunks(), headers=headers)
+    assert streamed.status_code == 413, (streamed.text, streamed.request.headers)

@@ -120,6 +120,41 @@ def test_a_sweep_path_outside_the_data_roots_is_a_422(client: TestClient, tmp_pa
     assert response.json()["detail"][0]["loc"] == ["body", "config", "base", "data", "path"]
 
 
+def trial_run(
+    services: Services, sweep: dict[str, Any], trial_id: str, owner: str, **tags: str
+) -> Any:
+    """A child run as the sweep's driver tags a trial (`tuning.driver.trial_run`)."""
+    mlflow = services.tracking.client()
+    return mlflow.create_run(
+        mlflow.get_run(sweep["mlflow_run_id"]).info.experiment_id,
+        tags={
+            "mlflow.parentRunId": sweep["mlflow_run_id"],
+            "klssl.sweep_id": sweep["id"],
+            "klssl.role": "trial",
+            "klssl.owner": owner,
+            "klssl.trial_id": trial_id,
+            "klssl.sampled": '{"objective.teacher_temp": 0.04}',
+            **tags,
+        },
+    )
+
+
+def test_only_the_sweeps_own_well_formed_trials_are_its_trials(
+    client: TestClient, services: Services
+) -> None:
+    """A run that names the sweep as parent without being its trial is no trial (finding 2),
+    and a malformed trial is skipped, never a 5xx."""
+    sweep = client.post("/v1/sweeps", json=sweep_body("svc-sweep-forge"), headers=ALICE).json()
+    trial_run(services, sweep, "t1", owner="alice")
+    trial_run(services, sweep, "forged-owner", owner="bob")
+    trial_run(services, sweep, "forged-sweep", owner="alice", **{"klssl.sweep_id": "job-other"})
+    trial_run(services, sweep, "no-role", owner="alice", **{"klssl.role": "sweep"})
+    trial_run(services, sweep, "malformed", owner="alice", **{"klssl.sampled": "{not json"})
+    shown = client.get(f"/v1/sweeps/{sweep['id']}", headers=ALICE)
+    assert shown.status_code == 200, shown.text
+    assert [trial["trial_id"] for trial in shown.json()["trials"]] == ["t1"]
+
+
 def test_cancelling_a_sweep_stops_its_ray_job_and_closes_its_runs(
     client: TestClient, services: Services, fake_ray: FakeRay
 ) -> None:
@@ -128,10 +163,7 @@ def test_cancelling_a_sweep_stops_its_ray_job_and_closes_its_runs(
     fake_ray.set(f"klssl-{sweep['id']}", JobState.RUNNING)
     services.dispatcher.run_once()
     mlflow = services.tracking.client()
-    child = mlflow.create_run(
-        mlflow.get_run(sweep["mlflow_run_id"]).info.experiment_id,
-        tags={"mlflow.parentRunId": sweep["mlflow_run_id"], "klssl.trial_id": "t1"},
-    )
+    child = trial_run(services, sweep, "t1", owner="alice")
     assert client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=BOB).status_code == 404
     cancelled = client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=ALICE)
     assert cancelled.status_code == 200, cancelled.text
