@@ -111,6 +111,8 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+                with contextlib.suppress(Exception):  # the lease expires anyway
+                    await asyncio.to_thread(dispatcher.resign)
             store.engine.dispose()
 
     app = FastAPI(

@@ -6,6 +6,12 @@ under a submission id derived from the job id (a retry never makes a second Ray 
 Every round also asks Ray for the state of each active job, copies it into the record,
 and reads progress from MLflow. A job Ray no longer knows (the head node restarted)
 becomes FAILED with that reason instead of staying RUNNING forever.
+
+Several API processes may share one store (uvicorn ``--workers``, replicas): each has a
+dispatcher, but only the holder of the store's ``dispatcher`` lease runs rounds, so the
+deployment has one dispatcher and ``max_concurrent_jobs`` holds across processes. A
+holder that dies loses the lease when it expires (``dispatcher_lease_s``) and another
+process takes over.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from dataclasses import dataclass
 
 from service.job_kinds import KINDS, kind_of_job
@@ -36,6 +45,10 @@ MLFLOW_FINAL = {
 }
 
 
+LEASE = "dispatcher"
+"""The store lease whose holder is the deployment's one dispatcher."""
+
+
 def submission_id(job_id: str) -> str:
     """The Ray submission id of a job (deterministic: resubmitting is idempotent)."""
     return f"klssl-{job_id}"
@@ -54,9 +67,30 @@ class Dispatcher:
         self.wakeup = asyncio.Event()
         self.ray_reachable: bool | None = None
         self.mlflow_reachable = True
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.leading: bool | None = None
+
+    def lead(self) -> bool:
+        """Take or renew the deployment's dispatcher lease; whether this one leads."""
+        leading = self.store.acquire_lease(LEASE, self.holder, self.settings.dispatcher_lease_s)
+        if leading != self.leading:
+            log.info(
+                "dispatcher %s %s", self.holder,
+                "leads" if leading else "stands by: another API process dispatches",
+            )  # fmt: skip
+            self.leading = leading
+        return leading
+
+    def resign(self) -> None:
+        """Give the lease up (at shutdown), so another process leads at once."""
+        self.store.release_lease(LEASE, self.holder)
+        self.leading = None
 
     def run_once(self) -> None:
-        """Reconcile the active jobs, then dispatch queued ones into the free slots."""
+        """Reconcile the active jobs, then dispatch queued ones into the free slots
+        (only while this dispatcher holds the deployment's lease)."""
+        if not self.lead():
+            return
         self.reconcile()
         self.dispatch()
 

@@ -93,6 +93,13 @@ class Settings(BaseSettings):
         le=64 * 1024 * 1024,
         description="Largest request body accepted; a larger one is a 413 before it is read.",
     )
+    dispatcher_lease_s: float = Field(
+        60.0,
+        ge=1,
+        le=3600,
+        description="The dispatcher's lease in the store: with several API processes one "
+        "dispatches; when it dies another takes over after this many seconds.",
+    )
     max_concurrent_jobs: int = Field(2, ge=1, description="Jobs submitted to Ray at once.")
     dispatch_interval_s: float = Field(
         2.0, gt=0, description="Seconds between dispatcher/reconciler rounds."

@@ -12,7 +12,7 @@ import enum
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,13 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
+    insert,
     select,
     text,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -144,6 +147,20 @@ class Job(Base):
         return JobState(self.state)
 
 
+class Lease(Base):
+    """A named lease: at most one holder at a time until it expires (leader election).
+
+    The dispatcher holds ``dispatcher``, so several API processes on one store run one
+    dispatcher between them and never exceed ``max_concurrent_jobs`` together.
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(256))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class IdempotencyConflictError(Exception):
     """Another request with the same owner and Idempotency-Key won the race."""
 
@@ -237,6 +254,35 @@ class JobStore:
                 session.rollback()
                 raise IdempotencyConflictError(job.idempotency_key) from None
         return job
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease ``name`` for ``ttl_s`` seconds; False when another
+        holder's lease has not expired. Atomic (one conditional UPDATE, or an INSERT that
+        the primary key makes fail for all but one contender)."""
+        now = utcnow()
+        expires = now + timedelta(seconds=ttl_s)
+        with self.engine.begin() as connection:
+            renewed = connection.execute(
+                update(Lease)
+                .where(Lease.name == name)
+                .where((Lease.holder == holder) | (Lease.expires_at < now))
+                .values(holder=holder, expires_at=expires)
+            )
+            if renewed.rowcount == 1:
+                return True
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    insert(Lease).values(name=name, holder=holder, expires_at=expires)
+                )
+        except IntegrityError:
+            return False  # held by someone else (or they won the race to create it)
+        return True
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up now (if ``holder`` has it), so another takes over at once."""
+        with self.engine.begin() as connection:
+            connection.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))
 
     def get(self, job_id: str) -> Job | None:
         """The record of ``job_id``, if any."""

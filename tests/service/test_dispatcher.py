@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from service.deps import Services
-from service.dispatcher import LOST_BY_RAY, submission_id
+from service.dispatcher import LOST_BY_RAY, Dispatcher, submission_id
 from service.ray_jobs import job_environment
 from service.settings import Settings
 from service.store import JobState
@@ -175,3 +175,26 @@ def test_the_ray_token_reaches_jobs_only_when_asked(settings: Settings) -> None:
     assert "RAY_AUTH_TOKEN" not in job_environment(with_token)  # drivers inherit the node's
     passed = with_token.model_copy(update={"pass_ray_token_to_jobs": True})
     assert job_environment(passed)["RAY_AUTH_TOKEN"] == "ray-secret-123"
+
+
+def test_two_dispatchers_on_one_store_dispatch_as_one(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    """Two API processes share the store: only the lease holder dispatches, so
+    max_concurrent_jobs (2) holds for the deployment; the other takes over on release."""
+    ids = submit(client, 5)
+    first = services.dispatcher
+    second = Dispatcher(services.store, fake_ray, services.tracking, services.settings)
+    for _ in range(3):
+        first.run_once()
+        second.run_once()
+    assert (first.leading, second.leading) == (True, False)
+    assert len(fake_ray.submissions) == 2
+    assert states(services, ids).count("PENDING") == 2
+    first.resign()  # its process stops
+    for job_id in ids[:2]:
+        fake_ray.set(submission_id(job_id), JobState.SUCCEEDED)
+    second.run_once()
+    assert second.leading and len(fake_ray.submissions) == 4
+    first.run_once()
+    assert first.leading is False and len(fake_ray.submissions) == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ def test_migrations_build_exactly_the_models_schema(store: JobStore) -> None:
     migrate(store.engine)  # a second upgrade is a no-op
     with store.engine.connect() as connection:
         context = MigrationContext.configure(connection)
-        assert context.get_current_revision() == "0005"
+        assert context.get_current_revision() == "0006"
         assert compare_metadata(context, Base.metadata) == []
 
 
@@ -96,3 +97,17 @@ def test_final_states_are_never_left(store: JobStore) -> None:
     assert done.finished_at is not None and done.started_at is not None
     assert store.transition(job.id, JobState.FAILED).state == "SUCCEEDED"
     assert store.count_by_state()[JobState.SUCCEEDED] == 1
+
+
+def test_a_lease_has_one_holder_until_it_expires_or_is_released(store: JobStore) -> None:
+    assert store.acquire_lease("dispatcher", "a", ttl_s=60)
+    assert not store.acquire_lease("dispatcher", "b", ttl_s=60)
+    assert store.acquire_lease("dispatcher", "a", ttl_s=60)  # renewal
+    store.release_lease("dispatcher", "b")  # not b's to release: nothing happens
+    assert not store.acquire_lease("dispatcher", "b", ttl_s=60)
+    store.release_lease("dispatcher", "a")
+    assert store.acquire_lease("dispatcher", "b", ttl_s=0.2)
+    assert not store.acquire_lease("dispatcher", "a", ttl_s=60)
+    time.sleep(0.4)  # b's lease expires: b died, a takes over
+    assert store.acquire_lease("dispatcher", "a", ttl_s=60)
+    assert not store.acquire_lease("dispatcher", "b", ttl_s=60)
