@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.deps import Services
 from service.dispatcher import Dispatcher
 from service.errors import validation_error
-from service.limits import BodyLimit
+from service.limits import BodyLimit, StreamSlots
 from service.ray_jobs import RayJobs, RayJobsClient
 from service.routes import health, jobs, sweeps
 from service.settings import Settings
@@ -99,7 +99,9 @@ def create_app(
         settings.mlflow_tracking_uri, timeout_s=settings.request_timeout_s
     )
     dispatcher = Dispatcher(store, ray, tracking, settings)
-    services = Services(settings, store, ray, tracking, dispatcher)
+    services = Services(
+        settings, store, ray, tracking, dispatcher, StreamSlots(settings.max_log_streams_per_owner)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.dispatcher import Dispatcher
+from service.limits import StreamSlots
 from service.ray_jobs import RayJobsClient
 from service.settings import Settings
 from service.store import JobStore
@@ -55,6 +56,7 @@ class Services:
     ray: RayJobsClient
     tracking: Tracking
     dispatcher: Dispatcher
+    log_streams: StreamSlots
 
 
 async def get_services(request: Request) -> Services:
@@ -133,3 +135,4 @@ RayDep = Annotated[RayJobsClient, Depends(get_ray)]
 TrackingDep = Annotated[Tracking, Depends(get_tracking)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+ServicesDep = Annotated[Services, Depends(get_services)]

@@ -27,7 +27,7 @@ from service.store import (
     new_job_id,
     utcnow,
 )
-from service.tracking import Tracking
+from service.tracking import Tracking, TrackingRejectedError
 from trainer.config import TrainConfig
 from trainer.mlflow_names import JOB_ID_TAG, OWNER_TAG
 from trainer.preflight import PreflightError, preflight
@@ -139,9 +139,12 @@ def submit_job(
     job_id = new_job_id()
     run_tags = {**tags, JOB_ID_TAG: job_id, OWNER_TAG: owner}
     run_tags |= info.run_tags(job_id)
-    run_id, experiment_id = tracking.create_run(
-        info.run_config(config), job_id=job_id, tags=run_tags
-    )
+    try:
+        run_id, experiment_id = tracking.create_run(
+            info.run_config(config), job_id=job_id, tags=run_tags
+        )
+    except TrackingRejectedError as error:
+        raise InvalidJobError([(("body",), f"MLflow refused the job's run: {error}")]) from None
     spec = info.spec_type.model_validate(
         {
             "config": config,

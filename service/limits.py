@@ -1,4 +1,4 @@
-"""Request limits that hold before any route runs: the size of a request body.
+"""Limits on what one client can take of the API: request bodies and live log streams.
 
 A pure ASGI middleware (no per-request task, like `service.app.RequestLatency`): a body
 announced larger than the limit is refused before it is read; a body that streams past
@@ -9,6 +9,8 @@ the limit without announcing its length stops being read at the limit. Either wa
 from __future__ import annotations
 
 import json
+import threading
+from collections import Counter
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -79,3 +81,27 @@ class BodyLimit:
                 raise
         if too_large:
             await _refuse(send, 413, limit)
+
+
+class StreamSlots:
+    """Live log streams per owner, at most ``per_owner`` at once (in this process)."""
+
+    def __init__(self, per_owner: int) -> None:
+        self.per_owner = per_owner
+        self._open: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def take(self, owner: str) -> bool:
+        """Open a stream for ``owner``; False when they already hold ``per_owner``."""
+        with self._lock:
+            if self._open[owner] >= self.per_owner:
+                return False
+            self._open[owner] += 1
+            return True
+
+    def give_back(self, owner: str) -> None:
+        """Close one of ``owner``'s streams."""
+        with self._lock:
+            self._open[owner] -= 1
+            if self._open[owner] <= 0:
+                del self._open[owner]

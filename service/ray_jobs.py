@@ -11,10 +11,12 @@ from the job id, so a retried submission can never start a second Ray job.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shlex
 import tempfile
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -74,6 +76,10 @@ class RayJobsClient(Protocol):
 
     def logs(self, submission_id: str) -> str:
         """The driver's log so far."""
+
+    def tail(self, submission_id: str) -> AsyncIterator[str]:
+        """The driver's log from its start, chunk by chunk as it is written, until the
+        job ends (`RayUnavailableError` when the connection drops before)."""
 
     def stop(self, submission_id: str) -> None:
         """Ask Ray to stop the job."""
@@ -178,6 +184,20 @@ class RayJobs:
 
     def logs(self, submission_id: str) -> str:
         return str(self._call("get_job_logs", submission_id))
+
+    async def tail(self, submission_id: str) -> AsyncIterator[str]:
+        # Ray pushes only what is new over a websocket: no re-reading of the whole log.
+        client = await asyncio.to_thread(self._connect)
+        try:
+            async for chunk in client.tail_job_logs(submission_id):
+                yield chunk
+        except RuntimeError as error:
+            text = str(error)
+            if "does not exist" in text or "404" in text:
+                raise RayJobNotFoundError(submission_id) from None
+            raise RayUnavailableError(f"Ray at {self.address}: {text}") from None
+        except (ConnectionError, OSError) as error:  # aiohttp's errors are OSErrors
+            raise RayUnavailableError(f"Ray at {self.address}: {error}") from None
 
     def stop(self, submission_id: str) -> None:
         self._call("stop_job", submission_id)

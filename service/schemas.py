@@ -27,15 +27,19 @@ def _unreserved(tags: dict[str, str]) -> dict[str, str]:
 
 
 def unencodable_string(value: Any, path: str = "") -> str | None:
-    """The path of the first string (key or value) that UTF-8 cannot encode, if any.
+    """The path of the first string (key or value) that UTF-8 cannot encode or that
+    holds a NUL character, if any.
 
-    JSON's ``\\ud800`` escapes decode to lone surrogates, which no database, MLflow or
-    file system takes: they are refused at the door instead of failing deep inside.
+    JSON's ``\\ud800`` escapes decode to lone surrogates and ``\\u0000`` to NUL, which
+    no database, MLflow or file system takes: they are refused at the door instead of
+    failing deep inside.
     """
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
+            return path or "<root>"
+        if "\x00" in value:
             return path or "<root>"
     elif isinstance(value, dict):
         for key, item in value.items():
@@ -62,7 +66,7 @@ class RequestBody(BaseModel):
     def _valid_unicode(cls, raw: Any) -> Any:
         where = unencodable_string(raw)
         if where is not None:
-            raise ValueError(f"{where}: not valid Unicode (a lone surrogate)")
+            raise ValueError(f"{where}: not valid text (a lone surrogate or a NUL character)")
         return raw
 
 

@@ -100,6 +100,15 @@ class Settings(BaseSettings):
         description="The dispatcher's lease in the store: with several API processes one "
         "dispatches; when it dies another takes over after this many seconds.",
     )
+    max_log_streams_per_owner: int = Field(
+        4, ge=1, le=1000, description="Live log streams (logs?follow=true) an owner may hold."
+    )
+    max_log_stream_s: float = Field(
+        3600.0,
+        ge=1,
+        le=7 * 86400,
+        description="A live log stream ends after this many seconds (reconnect to go on).",
+    )
     max_concurrent_jobs: int = Field(2, ge=1, description="Jobs submitted to Ray at once.")
     dispatch_interval_s: float = Field(
         2.0, gt=0, description="Seconds between dispatcher/reconciler rounds."

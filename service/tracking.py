@@ -58,6 +58,10 @@ class TrackingUnavailableError(RuntimeError):
     """The MLflow tracking store does not answer."""
 
 
+class TrackingRejectedError(ValueError):
+    """MLflow refused what the request would record (a client's error: a 422)."""
+
+
 class Tracking:
     """MLflow operations of the control plane, against one tracking URI."""
 
@@ -102,9 +106,15 @@ class Tracking:
         from trainer.tracking import create_run
 
         self.ping()
+        from mlflow.exceptions import MlflowException
+
         try:
             with self._creating:
                 tracked = create_run(config, self.tracking_uri, run_name=job_id, tags=tags)
+        except MlflowException as error:
+            if error.error_code == "INVALID_PARAMETER_VALUE":  # the request's fault, not MLflow's
+                raise TrackingRejectedError(str(error.message)) from None
+            raise TrackingUnavailableError(f"MLflow could not create the run: {error}") from None
         except Exception as error:
             raise TrackingUnavailableError(f"MLflow could not create the run: {error}") from None
         return tracked.run_id, tracked.experiment_id

@@ -145,9 +145,13 @@ def create_run(
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
     tracked = TrackedRun(tracking_uri, run.info.run_id, experiment_id)
     params = [Param(key, value[:_MAX_PARAM_LENGTH]) for key, value in sorted(config.flat().items())]
-    for start in range(0, len(params), _PARAMS_PER_BATCH):
-        client.log_batch(tracked.run_id, params=params[start : start + _PARAMS_PER_BATCH])
-    client.log_text(tracked.run_id, config.to_json(), CONFIG_ARTIFACT)
+    try:
+        for start in range(0, len(params), _PARAMS_PER_BATCH):
+            client.log_batch(tracked.run_id, params=params[start : start + _PARAMS_PER_BATCH])
+        client.log_text(tracked.run_id, config.to_json(), CONFIG_ARTIFACT)
+    except BaseException:
+        client.delete_run(tracked.run_id)  # nothing half-created: a run says how it was made
+        raise
     return tracked
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from service.deps import (
@@ -15,6 +15,7 @@ from service.deps import (
     Owner,
     RayDep,
     Reader,
+    ServicesDep,
     SettingsDep,
     StoreDep,
     TrackingDep,
@@ -104,20 +105,31 @@ def cancel(
 @router.get(
     "/jobs/{job_id}/logs",
     response_class=PlainTextResponse,
-    responses={**NOT_FOUND, 200: {"content": {"text/plain": {}, "text/event-stream": {}}}},
+    responses={
+        **NOT_FOUND,
+        200: {"content": {"text/plain": {}, "text/event-stream": {}}},
+        429: {"description": "The owner already holds max_log_streams_per_owner streams."},
+    },
 )
 def logs(
     job_id: str,
     reader: Reader,
-    store: StoreDep,
-    ray: RayDep,
+    services: ServicesDep,
     follow: Annotated[bool, Query(description="Stream as server-sent events.")] = False,
 ) -> Response:
     """The driver's log; with ``follow=true`` a stream of ``log`` events and a final ``end``."""
+    store, ray = services.store, services.ray
     job = find_job(store, job_id, reader)
     if follow:
+        slots = services.log_streams
+        if not slots.take(reader.owner):
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                f"at most {slots.per_owner} live log streams per owner",
+            )
+        stream = follow_logs(store, ray, job.id, services.settings.max_log_stream_s)
         return StreamingResponse(
-            follow_logs(store, ray, job.id),
+            released(stream, lambda: slots.give_back(reader.owner)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -131,42 +143,96 @@ def logs(
         raise unavailable("Ray", error) from None
 
 
+async def released(stream: AsyncIterator[str], release: Callable[[], None]) -> AsyncIterator[str]:
+    """``stream``, then ``release()`` however it ends (finished, timed out, disconnected)."""
+    try:
+        async for event in stream:
+            yield event
+    finally:
+        release()
+
+
 def sse(event: str, data: str) -> str:
     """One server-sent event (multi-line data split over data fields)."""
     lines = "".join(f"data: {line}\n" for line in data.split("\n"))
     return f"event: {event}\n{lines}\n"
 
 
-async def follow_logs(store: JobStore, ray: RayJobsClient, job_id: str) -> AsyncIterator[str]:
-    """Poll Ray for new log text until the job ends; a failed poll is simply retried."""
+class LogLines:
+    """Chunks of a log as whole lines: a partial last line waits for its end."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def add(self, chunk: str) -> str:
+        """The complete lines so far (without the final newline), or ``""``."""
+        complete, _, self.pending = (self.pending + chunk).rpartition("\n")
+        return complete
+
+    def rest(self) -> str:
+        """What is left once the log has ended."""
+        rest, self.pending = self.pending, ""
+        return rest
+
+
+async def follow_logs(
+    store: JobStore, ray: RayJobsClient, job_id: str, max_s: float
+) -> AsyncIterator[str]:
+    """The job's log as ``log`` events while it runs, then an ``end`` event.
+
+    Ray pushes only new text (`RayJobsClient.tail`); when the connection drops, a comment
+    says so and the stream reconnects, skipping what it already sent. The stream ends
+    when the record is final, or after ``max_s`` seconds (``end`` with a reason).
+    """
     sent = 0
-    pending = ""
-    while True:
-        job = await asyncio.to_thread(store.get, job_id)
-        if job is None:
-            return
-        final = job.job_state.final
-        fetched = False
-        if job.ray_submission_id is not None:
-            try:
-                text = await asyncio.to_thread(ray.logs, job.ray_submission_id)
-                fetched = True
-            except (RayUnavailableError, RayJobNotFoundError) as error:
-                text = ""
-                yield f": log source unavailable, retrying ({type(error).__name__})\n\n"
-            if len(text) > sent:
-                pending += text[sent:]
-                sent = len(text)
-        complete, _, rest = pending.rpartition("\n")
-        if complete:
-            yield sse("log", complete)
-            pending = rest
-        if final and (fetched or job.ray_submission_id is None):
-            if pending:
-                yield sse("log", pending)
-            yield sse("end", json.dumps({"state": job.state, "error": job.error}))
-            return
-        await asyncio.sleep(LOG_POLL_S)
+    lines = LogLines()
+    job = None
+    deadline = asyncio.get_running_loop().time() + max_s
+    try:
+        async with asyncio.timeout_at(deadline):
+            while True:
+                job = await asyncio.to_thread(store.get, job_id)
+                if job is None:
+                    return
+                if job.ray_submission_id is None:  # not on Ray (yet, or ever)
+                    if job.job_state.final:
+                        break
+                    await asyncio.sleep(LOG_POLL_S)
+                    continue
+                seen = 0
+                try:
+                    async for chunk in ray.tail(job.ray_submission_id):
+                        new = chunk[max(0, sent - seen) :]  # after a reconnect: skip the sent
+                        seen += len(chunk)
+                        sent += len(new)
+                        complete = lines.add(new)
+                        if complete:
+                            yield sse("log", complete)
+                except RayUnavailableError as error:
+                    yield f": log source unavailable, retrying ({type(error).__name__})\n\n"
+                    if not job.job_state.final:
+                        await asyncio.sleep(LOG_POLL_S)
+                        continue
+                except RayJobNotFoundError as error:  # Ray forgot it: nothing more comes
+                    yield f": log source unavailable ({type(error).__name__})\n\n"
+                # Ray's job ended: its record follows within a dispatcher round.
+                while not job.job_state.final:
+                    await asyncio.sleep(LOG_POLL_S)
+                    job = await asyncio.to_thread(store.get, job_id)
+                    if job is None:
+                        return
+                break
+    except TimeoutError:
+        if lines.pending:
+            yield sse("log", lines.rest())
+        state = job.state if job is not None else None
+        reason = f"stream time limit ({max_s:g} s): reconnect to follow on"
+        yield sse("end", json.dumps({"state": state, "error": None, "reason": reason}))
+        return
+    if lines.pending:
+        yield sse("log", lines.rest())
+    assert job is not None
+    yield sse("end", json.dumps({"state": job.state, "error": job.error}))
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=JobMetrics, responses=NOT_FOUND)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,22 @@ class FakeRay:
         if submission_id not in self.jobs:
             raise RayJobNotFoundError(submission_id)
         return self.log_text.get(submission_id, "")
+
+    async def tail(self, submission_id: str) -> AsyncIterator[str]:
+        """What Ray's websocket does: the log from its start, then what is new, until the
+        job is final; `available = False` drops the connection."""
+        sent = 0
+        while True:
+            self._check()
+            if submission_id not in self.jobs:
+                raise RayJobNotFoundError(submission_id)
+            text = self.log_text.get(submission_id, "")
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+            if self.jobs[submission_id].state.final:
+                return
+            await asyncio.sleep(0.01)
 
     def stop(self, submission_id: str) -> None:
         self._check()

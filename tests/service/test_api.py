@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from service.ray_jobs import RayUnavailableError
 from service.settings import Settings
 from service.store import JobState
 from tests.service.conftest import ALICE, BOB, FakeRay, job_body
+from trainer.config import TrainConfig
 
 
 def run_count(services: Services, experiment: str) -> int:
@@ -399,26 +401,50 @@ def test_following_logs_survives_a_lost_log_source(
     services.dispatcher.run_once()
     sid = f"klssl-{job}"
     fake_ray.log_text[sid] = "line 1\n"
-    real_logs = fake_ray.logs
-    calls = 0
+    real_tail = fake_ray.tail
+    connections = 0
 
-    def flaky_logs(submission_id: str) -> str:
-        nonlocal calls
-        calls += 1
-        if calls == 2:  # the Ray log source drops once, mid-stream
-            raise RayUnavailableError("connection reset")
-        if calls == 3:
-            fake_ray.log_text[sid] += "line 2\npartial"
-            fake_ray.set(sid, JobState.SUCCEEDED)
-            services.dispatcher.run_once()
-        return real_logs(submission_id)
+    async def flaky_tail(submission_id: str) -> AsyncIterator[str]:
+        nonlocal connections
+        connections += 1
+        if connections == 1:  # the Ray log source drops once, mid-stream
+            async for chunk in real_tail(submission_id):
+                yield chunk
+                raise RayUnavailableError("connection reset")
+        fake_ray.log_text[sid] += "line 2\npartial"
+        fake_ray.set(sid, JobState.SUCCEEDED)
+        services.dispatcher.run_once()
+        async for chunk in real_tail(submission_id):  # from the start again
+            yield chunk
 
-    monkeypatch.setattr(fake_ray, "logs", flaky_logs)
+    monkeypatch.setattr(fake_ray, "tail", flaky_tail)
     with client.stream("GET", f"/v1/jobs/{job}/logs?follow=true", headers=ALICE) as response:
         body = response.read().decode()
+    assert connections == 2
     assert body.count("data: line 1") == 1 and body.count("data: line 2") == 1
     assert "data: partial" in body and ": log source unavailable, retrying" in body
     assert body.rstrip().endswith('"error": null}')
+
+
+def test_live_log_streams_are_capped_per_owner_and_in_time(
+    settings: Settings, fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("service.routes.jobs.LOG_POLL_S", 0.05)
+    capped = settings.model_copy(update={"max_log_streams_per_owner": 1, "max_log_stream_s": 1})
+    app = create_app(capped, ray_client=fake_ray, run_dispatcher=False)
+    with TestClient(app) as client:
+        job = client.post("/v1/jobs", json=job_body(), headers=ALICE).json()["id"]
+        url = f"/v1/jobs/{job}/logs?follow=true"
+        with client.stream("GET", url, headers=ALICE) as first:
+            assert first.status_code == 200
+            second = client.get(url, headers=ALICE)
+            assert second.status_code == 429 and "at most 1" in second.json()["detail"]
+            started = time.monotonic()
+            body = first.read().decode()  # the job stays queued: the time limit ends it
+        assert 0.9 < time.monotonic() - started < 30
+        assert '"state": "QUEUED"' in body and "stream time limit" in body
+        with client.stream("GET", url, headers=ALICE) as again:  # the slot was given back
+            assert again.status_code == 200
 
 
 def test_hostile_inputs_are_4xx_never_5xx(client: TestClient, services: Services) -> None:
@@ -433,7 +459,12 @@ def test_hostile_inputs_are_4xx_never_5xx(client: TestClient, services: Services
         "/v1/jobs", content=raw, headers={**ALICE, "Content-Type": "application/json"}
     )
     assert response.status_code == 422
-    assert "name: not valid Unicode" in response.json()["detail"][0]["msg"]
+    assert "name: not valid text" in response.json()["detail"][0]["msg"]
+    body = job_body("svc-hostile")
+    body["config"]["name"] = "a\x00b"
+    response = client.post("/v1/jobs", json=body, headers=ALICE)
+    assert response.status_code == 422, response.text
+    assert "config.name: not valid text" in response.json()["detail"][0]["msg"]
 
     body = job_body("svc-hostile")
     body["config"]["data"].update(kind="imagefolder", path="a" * 4000)
@@ -455,3 +486,18 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_read(client: TestClient) ->
 
     streamed = client.post("/v1/jobs", content=chunks(), headers=headers)
     assert streamed.status_code == 413, (streamed.text, streamed.request.headers)
+
+
+def test_what_mlflow_refuses_is_a_422_and_leaves_no_run(
+    client: TestClient, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's INVALID_PARAMETER_VALUE is the request's fault: a 422, not a retryable 503,
+    and the half-made run is deleted (validation makes this rare: a param key over
+    MLflow's 250 characters stands in for whatever a future field lets through)."""
+    flat = TrainConfig.flat
+    monkeypatch.setattr(TrainConfig, "flat", lambda self: {**flat(self), "k" * 300: "v"})
+    response = client.post("/v1/jobs", json=job_body("svc-refused"), headers=ALICE)
+    assert response.status_code == 422, response.text
+    assert "MLflow refused the job's run" in response.json()["detail"][0]["msg"]
+    assert run_count(services, "svc-refused") == 0
+    assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 0
