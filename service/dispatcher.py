@@ -23,6 +23,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from service.job_kinds import KINDS, kind_of_job
 from service.ray_jobs import (
@@ -122,19 +123,33 @@ class Dispatcher:
         self.ray_reachable = False
 
     def _submit(self, job: Job) -> None:
+        """QUEUED -> SUBMITTING -> PENDING, each a compare-and-set against a cancel."""
         sid = submission_id(job.id)
-        self.ray.submit(
-            sid,
-            module=KINDS[JobKind(job.kind)].module,
-            spec_json=job.spec.to_json(),
-            env=job_environment(self.settings),
+        claimed = self.store.transition(
+            job.id, JobState.SUBMITTING, expected={JobState.QUEUED}, ray_submission_id=sid
         )
-        recorded = self.store.transition(job.id, JobState.PENDING, ray_submission_id=sid)
-        if recorded.job_state.final:
-            # Cancelled between our read of the queue and the submission: the record
-            # stays final, so the Ray job must not outlive it (it would be an orphan).
+        if claimed.job_state is not JobState.SUBMITTING:
+            return  # cancelled between our read of the queue and now: never reaches Ray
+        try:
+            self.ray.submit(
+                sid,
+                module=KINDS[JobKind(job.kind)].module,
+                spec_json=job.spec.to_json(),
+                env=job_environment(self.settings),
+            )
+        except Exception:
+            back = self.store.transition(
+                job.id, JobState.QUEUED, expected={JobState.SUBMITTING}, ray_submission_id=None
+            )
+            if back.job_state is JobState.CANCELLING:  # cancelled while Ray refused it
+                self.store.transition(job.id, JobState.CANCELLED, expected={JobState.CANCELLING})
+            raise
+        recorded = self.store.transition(job.id, JobState.PENDING, expected={JobState.SUBMITTING})
+        if recorded.job_state is JobState.CANCELLING:
+            # Cancelled while being submitted: stop it now (the reconciler confirms).
             log.info("job %s was cancelled while being submitted; stopping %s", job.id, sid)
-            self.ray.stop(sid)
+            with contextlib.suppress(RayJobNotFoundError):
+                self.ray.stop(sid)
 
     def reconcile(self) -> None:
         """Copy Ray's state and MLflow's progress into every active record."""
@@ -155,15 +170,34 @@ class Dispatcher:
                 self._ray_down(f"cannot reconcile: {error}")
                 return
             except RayJobNotFoundError:
-                self._finish(job, JobState.FAILED, LOST_BY_RAY)
+                if job.job_state is JobState.SUBMITTING:  # a submission that died with us
+                    self.store.transition(
+                        job.id, JobState.QUEUED, expected={JobState.SUBMITTING},
+                        ray_submission_id=None,
+                    )  # fmt: skip
+                elif job.job_state is JobState.CANCELLING:  # nothing of it is left on Ray
+                    self._finish(job, JobState.CANCELLED, job.error)
+                else:
+                    self._finish(job, JobState.FAILED, LOST_BY_RAY)
                 continue
             self.ray_reachable = True
             self._record_progress(job)
+            if job.job_state is JobState.CANCELLING:
+                if status.state.final:  # Ray reports the job ended: the cancel is done
+                    self._finish(job, JobState.CANCELLED, job.error)
+                else:  # Ray may not have taken the first stop (a job still starting)
+                    with contextlib.suppress(RayJobNotFoundError, RayUnavailableError):
+                        self.ray.stop(job.ray_submission_id)
+                continue
             if status.state.final:
                 message = status.message if status.state is JobState.FAILED else None
                 self._finish(job, status.state, message)
             elif status.state is not job.job_state:
-                self.store.transition(job.id, status.state)
+                self.store.transition(
+                    job.id,
+                    status.state,
+                    expected={JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING},
+                )
 
     def _record_progress(self, job: Job) -> None:
         if job.mlflow_run_id is None or not self.mlflow_reachable:
@@ -186,7 +220,7 @@ class Dispatcher:
         self.store.update(job.id, **fields)
 
     def _finish(self, job: Job, state: JobState, error: str | None) -> None:
-        fields: dict[str, object] = {"error": error}
+        fields: dict[str, Any] = {"error": error}
         if job.mlflow_run_id is not None and self.mlflow_reachable:
             try:
                 uris = self.tracking.checkpoint_uris(job.mlflow_run_id)

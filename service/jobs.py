@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.job_kinds import kind_of, kind_of_job
-from service.ray_jobs import RayJobNotFoundError, RayJobsClient
+from service.ray_jobs import RayJobNotFoundError, RayJobsClient, RayUnavailableError
 from service.settings import Settings
 from service.store import (
     IdempotencyConflictError,
@@ -189,25 +189,49 @@ def submit_job(
 
 
 def cancel_job(store: JobStore, ray: RayJobsClient, tracking: Tracking, job: Job) -> Job:
-    """Cancel a job: a queued one never reaches Ray, a submitted one is stopped there.
+    """Cancel a job: a queued one never reaches Ray; one on Ray becomes CANCELLING.
+
+    A QUEUED record becomes CANCELLED at once (compare-and-set: if the dispatcher claimed
+    it first, it is on its way to Ray and is treated as such). For a job on Ray the
+    record becomes CANCELLING; its MLflow run is closed as KILLED, which its driver
+    watches for (it stops itself even if Ray misses the stop of a job still starting);
+    Ray is asked to stop it; the dispatcher makes it CANCELLED once Ray reports the job
+    ended, asking again until then. Asking twice is harmless.
 
     Raises:
         JobFinishedError: the job already ended.
-        RayUnavailableError: the job is on Ray and Ray cannot be reached.
     """
     if job.job_state.final:
         raise JobFinishedError(f"job {job.id} is already {job.state}")
+    reason = "cancelled by the user"
+    if job.job_state is JobState.QUEUED:
+        job = store.transition(job.id, JobState.CANCELLED, expected={JobState.QUEUED}, error=reason)
+        if job.job_state is JobState.CANCELLED:
+            close_run(tracking, job)
+            return job
+    if job.job_state is not JobState.CANCELLING:
+        job = store.transition(
+            job.id,
+            JobState.CANCELLING,
+            expected={JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING},
+            cancel_requested=True,
+            error=reason,
+        )
+    if job.job_state.final:
+        raise JobFinishedError(f"job {job.id} is already {job.state}")
+    close_run(tracking, job)  # the driver's signal to stop
     if job.ray_submission_id is not None:
-        store.update(job.id, cancel_requested=True)
-        # When Ray lost the job, cancelling it is only bookkeeping.
-        with contextlib.suppress(RayJobNotFoundError):
+        # Ray down or the job gone: the dispatcher's next rounds stop it or confirm.
+        with contextlib.suppress(RayJobNotFoundError, RayUnavailableError):
             ray.stop(job.ray_submission_id)
-    cancelled = store.transition(job.id, JobState.CANCELLED, error="cancelled by the user")
-    if job.mlflow_run_id is not None:
-        try:
-            tracking.terminate(
-                job.mlflow_run_id, "KILLED", children=kind_of_job(job).has_child_runs
-            )
-        except Exception as error:  # the record is what counts; MLflow catches up later
-            log.warning("could not close MLflow run %s: %s", job.mlflow_run_id, error)
-    return cancelled
+    return job
+
+
+def close_run(tracking: Tracking, job: Job) -> None:
+    """Close a cancelled job's MLflow run (and a sweep's trials) as KILLED."""
+    if job.mlflow_run_id is None:
+        return
+    try:
+        tracking.terminate(job.mlflow_run_id, "KILLED", children=kind_of_job(job).has_child_runs)
+    except Exception as error:  # the record is what counts; the dispatcher closes it later
+        log.warning("could not close MLflow run %s: %s", job.mlflow_run_id, error)

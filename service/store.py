@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,11 +47,20 @@ StoredSpec = TrainJobSpec | SweepJobSpec
 
 
 class JobState(enum.StrEnum):
-    """Lifecycle of a job; the last three are final."""
+    """Lifecycle of a job; the last three are final.
+
+    ``QUEUED -> SUBMITTING -> PENDING -> RUNNING -> SUCCEEDED | FAILED``; a cancel turns
+    QUEUED into CANCELLED at once, and anything on Ray into CANCELLING, which becomes
+    CANCELLED once Ray reports the job ended. Every move is a compare-and-set
+    (`JobStore.transition` with ``expected``), so the dispatcher and a cancel never
+    overwrite each other.
+    """
 
     QUEUED = "QUEUED"  # recorded, waiting for cluster capacity (not yet in Ray)
+    SUBMITTING = "SUBMITTING"  # the dispatcher is handing it to Ray
     PENDING = "PENDING"  # submitted, Ray has not started the driver yet
     RUNNING = "RUNNING"
+    CANCELLING = "CANCELLING"  # stop asked of Ray (and of the driver, through MLflow)
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
@@ -70,7 +79,10 @@ class JobKind(enum.StrEnum):
 
 
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-ACTIVE_STATES = frozenset({JobState.PENDING, JobState.RUNNING})
+ACTIVE_STATES = frozenset(
+    {JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING, JobState.CANCELLING}
+)
+"""States that may have a Ray job: they hold a slot of ``max_concurrent_jobs``."""
 
 
 def utcnow() -> datetime:
@@ -345,22 +357,37 @@ class JobStore:
             session.commit()
             return job
 
-    def transition(self, job_id: str, state: JobState, **fields: Any) -> Job:
-        """Move a job to ``state`` with its timestamps (a final state is never left)."""
-        with self._sessions() as session:
-            job = session.get(Job, job_id)
-            if job is None:
-                raise KeyError(job_id)
-            if job.job_state.final:
-                return job
-            now = utcnow()
-            if state is JobState.RUNNING and job.started_at is None:
-                job.started_at = now
-            if state.final:
-                job.finished_at = now
-            job.state = state.value
-            for key, value in fields.items():
-                setattr(job, key, value)
-            job.updated_at = now
-            session.commit()
-            return job
+    def transition(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        expected: Collection[JobState] | None = None,
+        **fields: Any,
+    ) -> Job:
+        """Move a job to ``state`` with its timestamps: a compare-and-set.
+
+        The move happens only from a state in ``expected`` (any non-final state when
+        None); a final state is never left. Returns the record after the attempt: the
+        caller sees from its state whether the move happened.
+        """
+        allowed = [
+            value.value
+            for value in (expected if expected is not None else JobState)
+            if not value.final
+        ]
+        now = utcnow()
+        values: dict[str, Any] = {"state": state.value, "updated_at": now, **fields}
+        if state is JobState.RUNNING:
+            values["started_at"] = func.coalesce(Job.started_at, now)
+        if state.final:
+            values["finished_at"] = now
+        with self.engine.begin() as connection:
+            # One conditional UPDATE: atomic on every database, with no read-then-write race.
+            connection.execute(
+                update(Job).where(Job.id == job_id, Job.state.in_(allowed)).values(**values)
+            )
+        job = self.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return job

@@ -4,14 +4,24 @@ A checkpoint directory holds ``state.pt`` (student, teacher, optimiser, grad sca
 cluster statistics, epoch, step, RNG states) and ``config.json`` beside it, so every
 checkpoint says how it was made. The same directory is what Ray Train's
 ``Checkpoint.from_directory`` wraps, so local and Ray runs share one format.
+
+Checkpoints live on shared storage that others may write to, so they are read with
+``torch.load(weights_only=True)``: only tensors and plain values (dicts, lists, tuples,
+numbers, strings, None) load, and a file holding anything else (a pickled object whose
+loading would run code) is refused without running it. Every random generator's state
+is therefore stored as tensors and plain values (`rng_state`), never as pickled NumPy
+arrays or tuples of objects. Checkpoints of the older format (before
+`CHECKPOINT_FORMAT` 2, with a pickled NumPy RNG state) are refused with a clear error.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +35,119 @@ from trainer.models import unwrap
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 CHECKPOINT_PREFIX = "epoch_"
+CHECKPOINT_FORMAT = 2
+"""Version of ``state.pt`` and of the RNG files: 2 holds only tensors and plain values."""
+FORMAT_KEY = "format"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that klssl refuses to load (unsafe, old format or malformed)."""
+
+
+def safe_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``, refusing anything but tensors and plain values.
+
+    Raises:
+        CheckpointError: the file holds other objects (a pickled class, a NumPy array, a
+            callable that would run on load): it is refused without running anything.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path} refused: it holds objects other than tensors and plain values, and "
+            "checkpoints are loaded with weights_only=True so that nothing in them runs. "
+            f"It was written by an older klssl (before checkpoint format {CHECKPOINT_FORMAT}, "
+            "with pickled RNG states) or it was tampered with; start the run afresh "
+            f"(torch: {detail})"
+        ) from None
+
+
+def _checked_format(path: Path, loaded: Any) -> dict[str, Any]:
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path} is not a klssl checkpoint: not a mapping")
+    found = loaded.get(FORMAT_KEY)
+    if found != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} has checkpoint format {found!r}; this klssl reads format "
+            f"{CHECKPOINT_FORMAT} only (RNG states as tensors): start the run afresh"
+        )
+    return loaded
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's random generator states (a checkpoint's ``rng`` entry)."""
+    """This process's random generator states (a checkpoint's ``rng`` entry).
+
+    Tensors and plain values only, so ``torch.load(weights_only=True)`` reads them:
+    NumPy's MT19937 key (624 uint32) and Python's Mersenne Twister state (625 words) as
+    int64 tensors, their positions and cached Gaussians as numbers.
+    """
+    np_kind, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
     return {
+        FORMAT_KEY: CHECKPOINT_FORMAT,
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "kind": str(np_kind),
+            "key": torch.from_numpy(np.asarray(np_key, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {
+            "version": int(py_version),
+            "internal": torch.tensor(py_internal, dtype=torch.int64),
+            "gauss_next": None if py_gauss is None else float(py_gauss),
+        },
     }
+
+
+def set_rng_state(rng: Mapping[str, Any]) -> None:
+    """Restore every generator from an `rng_state` (CUDA's only where CUDA is present).
+
+    Raises:
+        CheckpointError: ``rng`` is not of the current format.
+    """
+    try:
+        numpy_state = rng["numpy"]
+        python_state = rng["python"]
+        numpy_tuple = (
+            str(numpy_state["kind"]),
+            numpy_state["key"].cpu().numpy().astype(np.uint32),
+            int(numpy_state["pos"]),
+            int(numpy_state["has_gauss"]),
+            float(numpy_state["cached_gaussian"]),
+        )
+        gauss_next = python_state["gauss_next"]
+        python_tuple = (
+            int(python_state["version"]),
+            tuple(int(word) for word in python_state["internal"].tolist()),
+            None if gauss_next is None else float(gauss_next),
+        )
+        torch_state = rng["torch"].cpu()
+        cuda_states = [state.cpu() for state in rng["cuda"]]
+    except (KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(
+            f"malformed RNG state in a checkpoint (format {CHECKPOINT_FORMAT} expected): "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    torch.set_rng_state(torch_state)
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    np.random.set_state(numpy_tuple)
+    random.setstate(python_tuple)
+
+
+def save_rng(path: Path) -> None:
+    """Write this process's `rng_state` to ``path`` (a rank's own RNG file)."""
+    torch.save(rng_state(), path)
+
+
+def load_rng(path: Path) -> dict[str, Any]:
+    """Read an RNG file of `save_rng` with ``weights_only=True`` (see `safe_load`)."""
+    return _checked_format(path, safe_load(path))
 
 
 def state_payload(state: TrainingState) -> dict[str, Any]:
@@ -49,6 +162,7 @@ def state_payload(state: TrainingState) -> dict[str, Any]:
         "step": state.step,
         "health": state.health.state_dict(),
         "rng": rng_state(),
+        FORMAT_KEY: CHECKPOINT_FORMAT,
     }
 
 
@@ -66,12 +180,17 @@ def save_checkpoint(directory: Path, state: TrainingState, config: TrainConfig) 
 
 
 def load_payload(directory: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint's state (``weights_only=False``: it holds RNG states we wrote)."""
+    """Read a checkpoint's state with ``weights_only=True`` (see `safe_load`).
+
+    Raises:
+        FileNotFoundError: no ``state.pt`` in ``directory``.
+        CheckpointError: the file holds anything but tensors and plain values, or is of
+            an older format.
+    """
     path = directory / STATE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{directory} is not a klssl checkpoint: {STATE_FILE} missing")
-    payload: dict[str, Any] = torch.load(path, map_location=map_location, weights_only=False)
-    return payload
+    return _checked_format(path, safe_load(path, map_location=map_location))
 
 
 def load_checkpoint_config(directory: Path) -> TrainConfig:
@@ -92,12 +211,7 @@ def restore_state(state: TrainingState, payload: dict[str, Any]) -> None:
     state.step = payload["step"]
     if "health" in payload:  # checkpoints written before the health verdict existed
         state.health.load_state_dict(payload["health"])
-    rng = payload["rng"]
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    set_rng_state(payload["rng"])
 
 
 def checkpoint_due(config: TrainConfig, epoch: int) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -23,10 +24,45 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
+
+from trainer.backbone_kwargs import BACKBONE_KWARGS, MAX_BACKBONE_KWARGS, check_backbone_kwargs
+from trainer.bounds import (
+    MAX_BATCH_SIZE,
+    MAX_CLIP_GRAD,
+    MAX_CLUSTERS,
+    MAX_CPUS_PER_WORKER,
+    MAX_EPOCHS,
+    MAX_FAILURES,
+    MAX_HEAD_DIM,
+    MAX_HEAD_LAYERS,
+    MAX_IMAGE_SIZE,
+    MAX_KEEP_CHECKPOINTS,
+    MAX_KNN_K,
+    MAX_KNN_KS,
+    MAX_LEARNING_RATE,
+    MAX_LOADER_WORKERS,
+    MAX_LOCAL_CROPS,
+    MAX_NAME_LENGTH,
+    MAX_PATH_COMPONENT_BYTES,
+    MAX_PATH_LENGTH,
+    MAX_SAMPLES,
+    MAX_SEED,
+    MAX_SINKHORN_ITERS,
+    MAX_STEPS,
+    MAX_SYNTHETIC_IMAGE_SIZE,
+    MAX_SYNTHETIC_SAMPLES,
+    MAX_TEMPERATURE,
+    MAX_WEIGHT_DECAY,
+    MAX_WORKERS,
 )
 
 NormalisationMode = Literal["prior", "center", "sinkhorn", "none"]
@@ -39,41 +75,107 @@ PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 SMALL_IMAGE_BLUR_LIMIT = 64
 """Global crops of at most this many pixels are not blurred by ``data.blur: auto``."""
 
-PositiveFloat = Annotated[float, Field(gt=0)]
+Temperature = Annotated[float, Field(gt=0, le=MAX_TEMPERATURE)]
+LearningRate = Annotated[float, Field(gt=0, le=MAX_LEARNING_RATE)]
 Momentum = Annotated[float, Field(ge=0, lt=1)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
+EpochCount = Annotated[int, Field(ge=0, le=MAX_EPOCHS)]
+
+
+@dataclass(frozen=True)
+class BoundedPath:
+    """Metadata of a path field: at most ``max_length`` characters, short components.
+
+    Checked on the raw string before it becomes a `Path`, so an over-long path is a
+    validation error with its field path, never an ``OSError`` (file name too long)
+    further down. ``max_length`` is what the configuration reference shows.
+    """
+
+    max_length: int
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_before_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler.resolve_ref_schema(handler(schema))
+        json_schema["maxLength"] = self.max_length
+        return json_schema
+
+    def _check(self, value: Any) -> Any:
+        if value is None:
+            return value
+        text = str(value) if isinstance(value, str | Path) else None
+        if text is None:
+            return value  # not a path at all: the path validator says so
+        if len(text) > self.max_length:
+            raise ValueError(
+                f"path of {len(text)} characters is longer than {self.max_length} "
+                "(Linux's PATH_MAX)"
+            )
+        long = [part for part in text.split("/") if len(part.encode()) > MAX_PATH_COMPONENT_BYTES]
+        if long:
+            raise ValueError(
+                f"a path component of {len(long[0].encode())} bytes is longer than "
+                f"{MAX_PATH_COMPONENT_BYTES} (Linux's NAME_MAX)"
+            )
+        return value
 
 
 class _Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are re-validated."""
+    """Base of every config section: unknown keys are errors, values are re-validated.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    Every float is finite: ``1e999``, ``Infinity`` and ``NaN`` are errors naming the field.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )
 
 
 class DataConfig(_Section):
     """Which images, how they are cropped into views, and how they are batched."""
 
     kind: DatasetKind = Field("digits", description="Built-in dataset kind.")
-    path: Path | None = Field(
+    path: Annotated[Path | None, BoundedPath(MAX_PATH_LENGTH)] = Field(
         None,
         description="Root of the data: a folder per class (imagefolder) or the folder "
-        "holding the CIFAR-10 binary batches (cifar10). Unused by digits and synthetic.",
+        "holding the CIFAR-10 binary batches (cifar10). Unused by digits and synthetic. "
+        f"Every component at most {MAX_PATH_COMPONENT_BYTES} bytes.",
     )
     max_samples: int | None = Field(
-        None, ge=1, description="Use at most this many training images (quick runs)."
+        None,
+        ge=1,
+        le=MAX_SAMPLES,
+        description="Use at most this many training images (quick runs).",
     )
     holdout_fraction: Fraction = Field(
         0.1,
         description="Fraction of every class held out, labelled, for k-NN evaluation; "
         "never used for training (the last files of each class in sorted order).",
     )
-    synthetic_samples: int = Field(2000, ge=2, description="Images in the synthetic set.")
-    synthetic_classes: int = Field(10, ge=2, description="Known clusters of the synthetic set.")
-    synthetic_image_size: int = Field(32, ge=8, description="Side of synthetic images.")
-    global_crop_size: int = Field(32, ge=4, description="Side of the global (teacher) views.")
-    local_crop_size: int = Field(16, ge=4, description="Side of the local (student) views.")
+    synthetic_samples: int = Field(
+        2000, ge=2, le=MAX_SYNTHETIC_SAMPLES, description="Images in the synthetic set."
+    )
+    synthetic_classes: int = Field(
+        10, ge=2, le=MAX_CLUSTERS, description="Known clusters of the synthetic set."
+    )
+    synthetic_image_size: int = Field(
+        32, ge=8, le=MAX_SYNTHETIC_IMAGE_SIZE, description="Side of synthetic images."
+    )
+    global_crop_size: int = Field(
+        32, ge=4, le=MAX_IMAGE_SIZE, description="Side of the global (teacher) views."
+    )
+    local_crop_size: int = Field(
+        16, ge=4, le=MAX_IMAGE_SIZE, description="Side of the local (student) views."
+    )
     num_global_crops: int = Field(2, ge=1, le=2, description="Teacher views per image.")
-    num_local_crops: int = Field(6, ge=0, description="Extra, smaller student views.")
+    num_local_crops: int = Field(
+        6, ge=0, le=MAX_LOCAL_CROPS, description="Extra, smaller student views."
+    )
     global_crop_scale: tuple[Fraction, Fraction] = Field(
         (0.4, 1.0), description="Area range of global crops (RandomResizedCrop scale)."
     )
@@ -87,8 +189,10 @@ class DataConfig(_Section):
         f"{SMALL_IMAGE_BLUR_LIMIT} px and off at or below, as solo-learn's CIFAR recipe "
         "(a 3-tap kernel on a 32 px crop mostly erases what little detail there is).",
     )
-    batch_size: int = Field(64, ge=1, description="Images per worker per step.")
-    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE, description="Images per worker per step.")
+    loader_workers: int = Field(
+        0, ge=0, le=MAX_LOADER_WORKERS, description="DataLoader worker processes."
+    )
 
     @field_validator("global_crop_scale", "local_crop_scale")
     @classmethod
@@ -132,23 +236,49 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Backbone (any timm model, never pretrained) and the DINO-style projection head."""
 
-    backbone: str = Field("resnet18", description="timm model name, built with pretrained=False.")
+    backbone: str = Field(
+        "resnet18",
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="timm model name, built with pretrained=False (letters, digits, _ . -: "
+        "no hub or local-directory prefixes).",
+    )
     small_images: bool = Field(
         True,
         description="Adapt the stem to small (e.g. 32x32) inputs: 3x3 stride-1 stem without "
         "max-pool for ResNets; patch_size for ViTs.",
     )
-    patch_size: int | None = Field(None, ge=1, description="ViT patch size (None: timm default).")
+    patch_size: int | None = Field(
+        None, ge=1, le=MAX_IMAGE_SIZE, description="ViT patch size (None: timm default)."
+    )
     backbone_kwargs: dict[str, int | float | str | bool] = Field(
         default_factory=dict,
-        description="Extra keyword arguments for timm.create_model (e.g. depth for a ViT).",
+        max_length=MAX_BACKBONE_KWARGS,
+        json_schema_extra={"propertyNames": {"enum": list(BACKBONE_KWARGS)}},
+        description="Extra keyword arguments for timm.create_model (e.g. depth for a ViT), "
+        "architecture arguments only: "
+        + ", ".join(f"{name} ({spec.describe()})" for name, spec in BACKBONE_KWARGS.items())
+        + ". Arguments that name a file or load weights (pretrained, checkpoint_path, "
+        "pretrained_cfg, ...) are refused.",
     )
-    head_hidden_dim: int = Field(2048, ge=1, description="Hidden width of the head MLP.")
-    head_bottleneck_dim: int = Field(256, ge=1, description="L2-normalised bottleneck width.")
-    head_layers: int = Field(3, ge=1, description="Linear layers before the bottleneck.")
+    head_hidden_dim: int = Field(
+        2048, ge=1, le=MAX_HEAD_DIM, description="Hidden width of the head MLP."
+    )
+    head_bottleneck_dim: int = Field(
+        256, ge=1, le=MAX_HEAD_DIM, description="L2-normalised bottleneck width."
+    )
+    head_layers: int = Field(
+        3, ge=1, le=MAX_HEAD_LAYERS, description="Linear layers before the bottleneck."
+    )
     norm_last_layer: bool = Field(
         True, description="Fix the prototypes' weight-norm gain to 1 (more stable)."
     )
+
+    @field_validator("backbone_kwargs")
+    @classmethod
+    def _allowed_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return check_backbone_kwargs(kwargs)
 
 
 class ObjectiveConfig(_Section):
@@ -159,12 +289,14 @@ class ObjectiveConfig(_Section):
         description="Teacher normalisation: prior (inverse cluster prior, the paper), center "
         "(its Jensen approximation, DINO), sinkhorn (SwAV/DINOv2), none (collapses).",
     )
-    num_clusters: int = Field(1024, ge=2, description="K, the number of prototypes.")
-    student_temp: PositiveFloat = Field(0.1, description="Student softmax temperature.")
-    teacher_temp: PositiveFloat = Field(0.04, description="Teacher temperature after warm-up.")
-    warmup_teacher_temp: PositiveFloat = Field(0.04, description="Teacher temperature at step 0.")
-    warmup_teacher_temp_epochs: int = Field(
-        0, ge=0, description="Epochs of linear teacher-temperature warm-up."
+    num_clusters: int = Field(
+        1024, ge=2, le=MAX_CLUSTERS, description="K, the number of prototypes."
+    )
+    student_temp: Temperature = Field(0.1, description="Student softmax temperature.")
+    teacher_temp: Temperature = Field(0.04, description="Teacher temperature after warm-up.")
+    warmup_teacher_temp: Temperature = Field(0.04, description="Teacher temperature at step 0.")
+    warmup_teacher_temp_epochs: EpochCount = Field(
+        0, description="Epochs of linear teacher-temperature warm-up."
     )
     prior_momentum: Momentum = Field(
         0.9, description="EMA momentum m of the prior pi and the center c (0: batch marginal)."
@@ -178,7 +310,9 @@ class ObjectiveConfig(_Section):
         "targets from the last step's statistics (DINO's order); auto: previous for center "
         "(DINOLoss exactly), current otherwise (the design's choice for prior).",
     )
-    sinkhorn_iters: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations.")
+    sinkhorn_iters: int = Field(
+        3, ge=1, le=MAX_SINKHORN_ITERS, description="Sinkhorn-Knopp iterations."
+    )
 
     @property
     def effective_statistics_order(self) -> Literal["current", "previous"]:
@@ -192,23 +326,31 @@ class OptimConfig(_Section):
     """Optimiser of the student."""
 
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser.")
-    lr: PositiveFloat = Field(
+    lr: LearningRate = Field(
         5e-4, description="Peak learning rate for a total batch of 256 (scaled linearly)."
     )
-    min_lr: float = Field(1e-6, ge=0, description="Learning rate at the end of the cosine.")
-    weight_decay: float = Field(0.04, ge=0, description="Weight decay at step 0.")
-    weight_decay_end: float = Field(0.4, ge=0, description="Weight decay at the last step.")
-    clip_grad: float = Field(3.0, ge=0, description="Max gradient norm per tensor (0: off).")
-    freeze_last_layer_epochs: int = Field(
-        1, ge=0, description="Epochs during which the prototypes get no update."
+    min_lr: float = Field(
+        1e-6, ge=0, le=MAX_LEARNING_RATE, description="Learning rate at the end of the cosine."
+    )
+    weight_decay: float = Field(
+        0.04, ge=0, le=MAX_WEIGHT_DECAY, description="Weight decay at step 0."
+    )
+    weight_decay_end: float = Field(
+        0.4, ge=0, le=MAX_WEIGHT_DECAY, description="Weight decay at the last step."
+    )
+    clip_grad: float = Field(
+        3.0, ge=0, le=MAX_CLIP_GRAD, description="Max gradient norm per tensor (0: off)."
+    )
+    freeze_last_layer_epochs: EpochCount = Field(
+        1, description="Epochs during which the prototypes get no update."
     )
 
 
 class ScheduleConfig(_Section):
     """Length of training and the warm-up / momentum schedules."""
 
-    epochs: int = Field(100, ge=1, description="Training epochs.")
-    warmup_epochs: int = Field(10, ge=0, description="Linear learning-rate warm-up epochs.")
+    epochs: int = Field(100, ge=1, le=MAX_EPOCHS, description="Training epochs.")
+    warmup_epochs: EpochCount = Field(10, description="Linear learning-rate warm-up epochs.")
     teacher_momentum: Momentum = Field(0.996, description="Teacher EMA momentum at step 0.")
     teacher_momentum_end: float = Field(
         1.0, ge=0, le=1, description="Teacher EMA momentum at the last step (cosine)."
@@ -218,11 +360,14 @@ class ScheduleConfig(_Section):
 class EvalConfig(_Section):
     """Label-based evaluation on the held-out split (when the data has labels)."""
 
-    knn_k: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=lambda: [20, 200], min_length=1, description="k of the k-NN votes."
+    knn_k: list[Annotated[int, Field(ge=1, le=MAX_KNN_K)]] = Field(
+        default_factory=lambda: [20, 200],
+        min_length=1,
+        max_length=MAX_KNN_KS,
+        description=f"k of the k-NN votes (each 1 to {MAX_KNN_K}).",
     )
-    knn_temperature: PositiveFloat = Field(0.07, description="Weighting temperature.")
-    every_epochs: int = Field(0, ge=0, description="Run k-NN every N epochs (0: at the end).")
+    knn_temperature: Temperature = Field(0.07, description="Weighting temperature.")
+    every_epochs: EpochCount = Field(0, description="Run k-NN every N epochs (0: at the end).")
     linear_probe: bool = Field(
         True,
         description="Also fit a logistic-regression probe on frozen training-split features "
@@ -238,16 +383,31 @@ class EvalConfig(_Section):
 class RuntimeConfig(_Section):
     """Where and how the run executes."""
 
-    seed: int = Field(0, ge=0, description="Seed of every random generator.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random generator.")
     device: Device = Field("auto", description="auto picks CUDA when present.")
     precision: Precision = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
-    checkpoint_every_epochs: int = Field(1, ge=1, description="Checkpoint every N epochs.")
-    log_every_steps: int = Field(10, ge=1, description="Diagnostics every N steps.")
-    num_workers: int = Field(1, ge=1, description="Data-parallel training workers (Ray).")
-    max_failures: int = Field(2, ge=-1, description="Worker-failure retries (-1: unlimited).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (newest).")
+    checkpoint_every_epochs: int = Field(
+        1, ge=1, le=MAX_EPOCHS, description="Checkpoint every N epochs."
+    )
+    log_every_steps: int = Field(10, ge=1, le=MAX_STEPS, description="Diagnostics every N steps.")
+    num_workers: int = Field(
+        1, ge=1, le=MAX_WORKERS, description="Data-parallel training workers (Ray)."
+    )
+    max_failures: int = Field(
+        2,
+        ge=0,
+        le=MAX_FAILURES,
+        description="Worker-failure retries (never unlimited: a config that always fails "
+        "must end).",
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, le=MAX_KEEP_CHECKPOINTS, description="Checkpoints kept (newest)."
+    )
     cpus_per_worker: float = Field(
-        1.0, gt=0, description="CPUs reserved per training worker (Ray resources)."
+        1.0,
+        gt=0,
+        le=MAX_CPUS_PER_WORKER,
+        description="CPUs reserved per training worker (Ray resources).",
     )
     placement_strategy: PlacementStrategy = Field(
         "PACK",
@@ -260,7 +420,10 @@ class TrainConfig(_Section):
     """Everything one training run needs, in seven sections."""
 
     name: str = Field(
-        "klssl", min_length=1, max_length=128, description="Run / MLflow experiment name."
+        "klssl",
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        description="Run / MLflow experiment name.",
     )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

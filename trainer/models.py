@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, check_backbone_kwargs
 
 
 def is_vit(config: ModelConfig) -> bool:
@@ -25,8 +25,13 @@ def is_vit(config: ModelConfig) -> bool:
 
 
 def backbone_kwargs(config: ModelConfig, image_size: int) -> dict[str, Any]:
-    """The keyword arguments of ``timm.create_model`` for a config's backbone."""
-    kwargs: dict[str, Any] = dict(config.backbone_kwargs)
+    """The keyword arguments of ``timm.create_model`` for a config's backbone.
+
+    The config's ``backbone_kwargs`` are checked against the allow-list again here (a
+    `ModelConfig` copied with ``model_copy(update=...)`` skips validation), so nothing
+    that names a file or loads weights ever reaches timm.
+    """
+    kwargs: dict[str, Any] = check_backbone_kwargs(config.backbone_kwargs)
     if is_vit(config):
         kwargs.setdefault("img_size", image_size)
         kwargs.setdefault("dynamic_img_size", True)

@@ -10,7 +10,8 @@ under ``--output``; checkpoints go to ``--storage-path``, ``KLSSL_STORAGE_PATH``
 ``<output>/ray``. The last line on stdout is a JSON summary of the run.
 
 Exit codes: 0 done, 1 training failed, 2 invalid config, 3 the run could not start
-(cluster too small, storage unreachable, Ray unreachable).
+(cluster too small, storage unreachable, Ray unreachable), 4 the job was cancelled (its
+MLflow run was closed as KILLED, before or during training).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def launch_or_exit(config: TrainConfig, **launch_options: Any) -> LaunchResult:
     from trainer.distributed.environment import ensure_ray_env
 
     ensure_ray_env()  # before Ray is imported
+    from trainer.distributed.cancel import CANCELLED_EXIT_CODE, RunCancelledError
     from trainer.distributed.errors import LaunchError
     from trainer.distributed.launcher import TrainingFailedError, launch_training
     from trainer.preflight import PreflightError
@@ -62,6 +64,9 @@ def launch_or_exit(config: TrainConfig, **launch_options: Any) -> LaunchResult:
     except PreflightError as error:
         console.print(f"[red]{error}[/]")
         raise typer.Exit(2) from None
+    except RunCancelledError as error:
+        console.print(f"[yellow]{error}[/]")
+        raise typer.Exit(CANCELLED_EXIT_CODE) from None
     except LaunchError as error:
         console.print(f"[red]cannot start the run: {error}[/]")
         raise typer.Exit(3) from None

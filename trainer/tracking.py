@@ -155,13 +155,19 @@ def create_run(
     return tracked
 
 
-def attach_run(tracking_uri: str, run_id: str) -> TrackedRun:
-    """An existing run (a resubmitted job continues its run); an error if it is gone."""
+def attach_run(tracking_uri: str, run_id: str, *, reopen: bool = True) -> TrackedRun:
+    """An existing run (a resubmitted job continues its run); an error if it is gone.
+
+    ``reopen`` marks it RUNNING again: for a run this process owns (it created it in an
+    earlier attempt). A run owned by someone else (the service's) keeps its status, so a
+    cancelled job's KILLED run is not brought back to life.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(run_id)
-    client.update_run(run_id, status="RUNNING")
+    if reopen:
+        client.update_run(run_id, status="RUNNING")
     return TrackedRun(tracking_uri, run_id, run.info.experiment_id)
 
 

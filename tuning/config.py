@@ -32,6 +32,12 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from trainer.config import (
+    MAX_CLUSTERS,
+    MAX_CPUS_PER_WORKER,
+    MAX_EPOCHS,
+    MAX_NAME_LENGTH,
+    MAX_SEED,
+    MAX_WORKERS,
     ConfigError,
     DataConfig,
     TrainConfig,
@@ -62,13 +68,41 @@ DIAGNOSTIC_METRICS: dict[str, Mode] = {
 """Label-free metrics every epoch reports (`trainer.engine.DIAGNOSTICS`, the epoch's
 mean loss and the health verdict), with the direction in which they improve."""
 
+MAX_RANGE_END = 1e12
+"""Largest magnitude of a range's endpoint (every field's own bound is checked as well)."""
+MAX_CHOICE_VALUES = 1000
+"""Values of one choice or grid."""
+MAX_SPACE_VALUES = 10_000
+"""Choice and grid values of the whole space (each is validated as a trial config)."""
+MAX_SPACE_KEYS = 64
+"""Swept fields (TrainConfig has fewer)."""
+MAX_SPACE_KEY_LENGTH = 128
+"""Characters of a swept field path."""
+MAX_NUM_SAMPLES = 10_000
+"""Trials sampled, or repetitions of a grid."""
+MAX_TRIALS = 10_000
+"""Trials of a whole sweep: num_samples times the size of every grid."""
+MAX_CONCURRENT_TRIALS = 1024
+"""Trials at once."""
+MAX_REDUCTION_FACTOR = 100.0
+"""ASHA's reduction factor (Ray's default is 4; more keeps almost nothing)."""
+MAX_SHOWN_VALUE = 100
+"""Characters of a value quoted in an error message."""
+MAX_VALUE_PROBLEMS = 5
+"""Invalid values of one swept field reported one by one (the rest are counted)."""
+
 KNN_METRIC = "knn_top1"
 LINEAR_METRIC = "linear_top1"
 COLLAPSE_METRICS = ("healthy", "mutual_info", "effective_clusters")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are errors; every float is finite (no ``Infinity`` or ``NaN``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+RangeEnd = Annotated[float, Field(ge=-MAX_RANGE_END, le=MAX_RANGE_END)]
 
 
 # ------------------------------------------------------------------ distributions
@@ -78,8 +112,8 @@ class Uniform(_Strict):
     """Uniform on [low, high] (integers for an integer field)."""
 
     type: Literal["uniform"]
-    low: float
-    high: float
+    low: RangeEnd
+    high: RangeEnd
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
@@ -108,7 +142,7 @@ class Choice(_Strict):
     """One of ``values``, drawn at random (a grid search tries each)."""
 
     type: Literal["choice"]
-    values: list[JsonValue]
+    values: list[JsonValue] = Field(max_length=MAX_CHOICE_VALUES)
 
     @field_validator("values")
     @classmethod
@@ -139,10 +173,17 @@ class AshaConfig(_Strict):
     """Asynchronous successive halving over epochs (Ray Tune's ``ASHAScheduler``)."""
 
     enabled: bool = Field(True, description="Stop the worse trials early.")
-    grace_period: int = Field(1, ge=1, description="Epochs every trial trains at least.")
-    reduction_factor: float = Field(2.0, gt=1, description="1/fraction kept at each rung.")
+    grace_period: int = Field(
+        1, ge=1, le=MAX_EPOCHS, description="Epochs every trial trains at least."
+    )
+    reduction_factor: float = Field(
+        2.0, gt=1, le=MAX_REDUCTION_FACTOR, description="1/fraction kept at each rung."
+    )
     max_t: int | None = Field(
-        None, ge=1, description="Epochs of the longest trial (default: base schedule.epochs)."
+        None,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="Epochs of the longest trial (default: base schedule.epochs).",
     )
 
 
@@ -160,20 +201,31 @@ class CollapseConfig(_Strict):
     threshold: float = Field(
         0.05,
         ge=0,
+        le=MAX_CLUSTERS,
         description="Collapsed while the raw metric is below (healthy is 0 or 1: below 0.5).",
     )
-    patience: int = Field(2, ge=1, description="Consecutive collapsed epochs before stopping.")
-    grace_epochs: int = Field(1, ge=0, description="Epochs never judged (the warm-up).")
+    patience: int = Field(
+        2, ge=1, le=MAX_EPOCHS, description="Consecutive collapsed epochs before stopping."
+    )
+    grace_epochs: int = Field(
+        1, ge=0, le=MAX_EPOCHS, description="Epochs never judged (the warm-up)."
+    )
 
 
 class ResourcesConfig(_Strict):
     """Resources of every trial (its TorchTrainer workers; the trial driver takes no CPU)."""
 
     workers_per_trial: int | None = Field(
-        None, ge=1, description="Training workers per trial (default: base runtime.num_workers)."
+        None,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Training workers per trial (default: base runtime.num_workers).",
     )
     cpus_per_worker: float | None = Field(
-        None, gt=0, description="CPUs per worker (default: base runtime.cpus_per_worker)."
+        None,
+        gt=0,
+        le=MAX_CPUS_PER_WORKER,
+        description="CPUs per worker (default: base runtime.cpus_per_worker).",
     )
 
 
@@ -184,21 +236,31 @@ class SweepConfig(_Strict):
     """A hyperparameter sweep: a base training config, a search space and the search."""
 
     name: str | None = Field(
-        None, min_length=1, max_length=128, description="Sweep name (default: base name)."
+        None,
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        description="Sweep name (default: base name).",
     )
     base: TrainConfig = Field(description="The training config every trial starts from.")
     space: dict[str, Distribution] = Field(
+        max_length=MAX_SPACE_KEYS,
         description="Dotted TrainConfig field path -> distribution, e.g. "
-        "objective.teacher_temp: {type: loguniform, low: 0.02, high: 0.1}."
+        "objective.teacher_temp: {type: loguniform, low: 0.02, high: 0.1}. At most "
+        f"{MAX_CHOICE_VALUES} values per choice or grid, {MAX_SPACE_VALUES} in all, range "
+        f"endpoints within +-{MAX_RANGE_END:g}, and at most {MAX_TRIALS} trials in all "
+        "(num_samples times every grid's size).",
     )
     num_samples: int | None = Field(
         None,
         ge=1,
+        le=MAX_NUM_SAMPLES,
         description="Trials to sample (random, optuna; default 8); for grid search or a "
         "space of grids only, repetitions of the whole grid (default 1).",
     )
     metric: str | None = Field(
         None,
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
         description="Objective reported every epoch (default: knn_top1 when the data has "
         "labels, else mutual_info).",
     )
@@ -206,13 +268,44 @@ class SweepConfig(_Strict):
     search: SearchKind = Field(
         "random", description="random, grid (every combination) or optuna (TPE)."
     )
-    seed: int | None = Field(None, ge=0, description="Seed of the search algorithm.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the search algorithm.")
     asha: AshaConfig = Field(default_factory=AshaConfig)
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     max_concurrent_trials: int | None = Field(
-        None, ge=1, description="Trials at once (default: what the cluster can hold, >= 1)."
+        None,
+        ge=1,
+        le=MAX_CONCURRENT_TRIALS,
+        description="Trials at once (default: what the cluster can hold, >= 1).",
     )
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _bounded(cls, space: Any) -> Any:
+        """Size and key lengths, before any distribution is validated."""
+        if not isinstance(space, Mapping):
+            return space  # the dict validator says what is wrong
+        if len(space) > MAX_SPACE_KEYS:
+            raise ValueError(
+                f"{len(space)} swept fields, more than {MAX_SPACE_KEYS} "
+                f"(TrainConfig has {len(field_paths())})"
+            )
+        for key in space:
+            if isinstance(key, str) and len(key) > MAX_SPACE_KEY_LENGTH:
+                raise ValueError(
+                    f"field path {shown_value(key)} of {len(key)} characters is longer "
+                    f"than {MAX_SPACE_KEY_LENGTH}"
+                )
+        values = sum(
+            len(d["values"])
+            for d in space.values()
+            if isinstance(d, Mapping) and isinstance(d.get("values"), list)
+        )
+        if values > MAX_SPACE_VALUES:
+            raise ValueError(
+                f"{values} choice and grid values in all, more than {MAX_SPACE_VALUES}"
+            )
+        return space
 
     @field_validator("space")
     @classmethod
@@ -276,6 +369,19 @@ class SweepConfig(_Strict):
                 "which is not installed; use search: random or grid",
                 self.search,
             )
+        trials = self.trial_count()
+        if trials > MAX_TRIALS:
+            grids = self.grid_sizes()
+            if grids:
+                sizes = " x ".join(str(size) for size in grids)
+                problem(
+                    ("space",),
+                    f"the grid has {sizes} points, times num_samples {self.samples}: "
+                    f"{trials} trials, more than {MAX_TRIALS}",
+                    trials,
+                )
+            else:  # num_samples' own bound is MAX_TRIALS: kept here should they differ
+                problem(("num_samples",), f"{trials} trials, more than {MAX_TRIALS}", trials)
         for path, reason, value in space_problems(self.trial_base(), self.space, self.search):
             problem(("space", path), reason, value)
         if problems:
@@ -299,6 +405,18 @@ class SweepConfig(_Strict):
     def samples(self) -> int:
         """Trials to sample, or repetitions of the grid."""
         return self.num_samples or 1
+
+    def grid_sizes(self) -> list[int]:
+        """The size of every grid (a choice is one under ``search: grid``)."""
+        return [
+            len(d.values)
+            for d in self.space.values()
+            if isinstance(d, Grid) or (self.search == "grid" and isinstance(d, Choice))
+        ]
+
+    def trial_count(self) -> int:
+        """How many trials the sweep runs in all: num_samples times every grid's size."""
+        return self.samples * math.prod(self.grid_sizes())
 
     @property
     def epochs(self) -> int:
@@ -415,6 +533,9 @@ def space_problems(
     known = field_paths()
     problems: list[tuple[str, str, Any]] = []
     for path, distribution in space.items():
+        if len(path) > MAX_SPACE_KEY_LENGTH:  # validate_sweep refuses these earlier
+            problems.append((path, f"longer than {MAX_SPACE_KEY_LENGTH} characters", path))
+            continue
         if path not in known:
             reason = unknown_path_message(path, known).removeprefix(f"{path}: ")
             problems.append((path, reason, path))
@@ -431,14 +552,28 @@ def space_problems(
                 ends = ", ".join(f"{end:g}" for end in fractional)
                 problems.append((path, f"an integer field needs whole endpoints, got {ends}", path))
                 continue
+        invalid = 0
         for value in (_as_field_value(path, end) for end in distribution.endpoints()):
             try:
                 apply_sample(base, {path: value})
             except ConfigError as error:
+                invalid += 1
+                if invalid > MAX_VALUE_PROBLEMS:
+                    continue
                 reasons = "; ".join(p.removeprefix(f"{path}: ") for p in error.problems)
                 label = "value" if isinstance(distribution, Choice) else "endpoint"
-                problems.append((path, f"{label} {json.dumps(value)} is invalid: {reasons}", value))
+                reason = f"{label} {shown_value(value)} is invalid: {reasons}"
+                problems.append((path, reason, value))
+        if invalid > MAX_VALUE_PROBLEMS:
+            more = invalid - MAX_VALUE_PROBLEMS
+            problems.append((path, f"and {more} more invalid values", path))
     return problems
+
+
+def shown_value(value: Any) -> str:
+    """``value`` as JSON for an error message, cut to `MAX_SHOWN_VALUE` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= MAX_SHOWN_VALUE else text[:MAX_SHOWN_VALUE] + "..."
 
 
 def _as_field_value(path: str, value: Any) -> Any:

@@ -26,6 +26,7 @@ output follows ``KLSSL_TUNE_VERBOSE`` (0 silent to 3 detailed; default 1).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from trainer.config import TrainConfig
+from trainer.distributed.cancel import CancelWatch, refuse_if_cancelled
 from trainer.distributed.cluster import Placement, check_cluster_capacity, plan_placement
 from trainer.distributed.environment import connect_ray, require_train_v2
 from trainer.distributed.errors import LaunchError
@@ -432,13 +434,22 @@ def sweep_parent_run(
     parent_run_id: str | None,
     tags: Mapping[str, str],
 ) -> TrackedRun:
-    """The sweep's parent run: the given one, the one of an earlier attempt, or a new one."""
+    """The sweep's parent run: the given one, the one of an earlier attempt, or a new one.
+
+    A given run belongs to whoever gave it (the service): it is attached as it is, and
+    refused when already KILLED (the sweep was cancelled before it started).
+    """
     from mlflow.tracking import MlflowClient
 
     base = sweep.trial_base()
-    if parent_run_id is None:
+    if parent_run_id is not None:
+        tracked = attach_run(tracking_uri, parent_run_id, reopen=False)
+        refuse_if_cancelled(tracked)
+        set_tags(tracked, {SWEEP_ID_TAG: sweep_id, ROLE_TAG: "sweep", **tags})
+    else:
         client = MlflowClient(tracking_uri=tracking_uri)
         experiment = client.get_experiment_by_name(base.name)
+        runs: list[Any] = []
         if experiment is not None:
             runs = client.search_runs(
                 [experiment.experiment_id],
@@ -446,17 +457,17 @@ def sweep_parent_run(
                 f"and tags.`{ROLE_TAG}` = 'sweep'",
                 max_results=1,
             )
-            parent_run_id = str(runs[0].info.run_id) if runs else None
-    if parent_run_id is not None:
-        tracked = attach_run(tracking_uri, parent_run_id)
-        set_tags(tracked, {SWEEP_ID_TAG: sweep_id, ROLE_TAG: "sweep", **tags})
-    else:
-        tracked = create_run(
-            base,
-            tracking_uri,
-            run_name=sweep_id,
-            tags={SWEEP_ID_TAG: sweep_id, ROLE_TAG: "sweep", **tags},
-        )
+            earlier = str(runs[0].info.run_id) if runs else None
+        if earlier is not None:  # this driver's own run from an earlier attempt
+            tracked = attach_run(tracking_uri, earlier)
+            set_tags(tracked, {SWEEP_ID_TAG: sweep_id, ROLE_TAG: "sweep", **tags})
+        else:
+            tracked = create_run(
+                base,
+                tracking_uri,
+                run_name=sweep_id,
+                tags={SWEEP_ID_TAG: sweep_id, ROLE_TAG: "sweep", **tags},
+            )
     from mlflow.entities import Param
 
     client = tracked.client()
@@ -611,8 +622,11 @@ def run_sweep(
             ),
         )
     owns_parent = parent_run_id is None  # whoever creates a run closes it
+    # A sweep the service cancels stops here too, trials and all (see CancelWatch).
+    watch = contextlib.nullcontext() if owns_parent else CancelWatch(parent)
     try:
-        grid = tuner.fit()
+        with watch:
+            grid = tuner.fit()
     except BaseException:
         if owns_parent:
             finish_run(parent, "FAILED")

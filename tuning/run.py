@@ -11,7 +11,8 @@ resumes that sweep. The last line on stdout is a JSON summary with the best tria
 
 Exit codes: 0 at least one trial finished, 1 no trial finished (or the sweep was
 interrupted: rerun it with the same ``--sweep-id``), 2 invalid sweep, 3 the sweep could
-not start (cluster too small for one trial, storage unreachable, Ray unreachable).
+not start (cluster too small for one trial, storage unreachable, Ray unreachable), 4 the
+sweep was cancelled (its parent MLflow run was closed as KILLED).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def main(
     from trainer.distributed.environment import ensure_ray_env
 
     ensure_ray_env()  # before Ray is imported
+    from trainer.distributed.cancel import CANCELLED_EXIT_CODE, RunCancelledError
     from trainer.distributed.errors import LaunchError
     from trainer.preflight import PreflightError
     from trainer.tracking import resolve_tracking_uri
@@ -116,6 +118,9 @@ def main(
     except PreflightError as error:
         console.print(f"[red]{error}[/]")
         raise typer.Exit(2) from None
+    except RunCancelledError as error:
+        console.print(f"[yellow]{error}[/]")
+        raise typer.Exit(CANCELLED_EXIT_CODE) from None
     except LaunchError as error:
         console.print(f"[red]cannot start the sweep: {error}[/]")
         raise typer.Exit(3) from None

@@ -6,7 +6,6 @@ REST API, follows it to the end and prints its k-NN accuracy and MLflow run.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
 from pathlib import Path
@@ -73,19 +72,45 @@ def run_demo(info: StackInfo, config_path: Path, overrides: list[str]) -> None:
     typer.echo(f"MLflow run: {job['mlflow_run_url']}")
 
 
+# Signals that stop a foreground `up`: Ctrl-C, `kill`, and the terminal closing.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+POLL_S = 0.2  # how soon a signal is acted upon
+CHECK_EVERY_S = 1.0  # how often the components are checked
+
+
 def wait_for_interrupt(stack: LocalStack) -> None:
-    """Block until Ctrl-C or SIGTERM, or until a component dies; the caller stops the stack."""
+    """Block until Ctrl-C, SIGTERM or SIGHUP, or until a component dies; the caller stops
+    the stack.
 
-    def interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+    The handlers are installed here, before the prompt, whatever this process inherited:
+    started in the background of a non-interactive shell (``make test &``, CI), a process
+    inherits SIGINT *ignored*, Python then installs no KeyboardInterrupt handler, and
+    Ctrl-C would never stop the stack. They only note the signal (nothing blocks or
+    raises inside a handler), and stay installed while the caller stops the stack, so a
+    second Ctrl-C cannot cut `LocalStack.down` short; each of its stops is bounded.
+    """
+    received: list[int] = []
 
-    signal.signal(signal.SIGTERM, interrupt)
+    def note(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, note)
     console.print("running in the foreground; Ctrl-C stops the stack")
-    with contextlib.suppress(KeyboardInterrupt):
-        while all(stack.running().values()):
-            time.sleep(1.0)
-        dead = [name for name, alive in stack.running().items() if not alive]
-        console.print(f"[red]{', '.join(dead)} exited; stopping the stack[/]")
+    next_check = 0.0
+    while not received:
+        if time.monotonic() >= next_check:
+            running = stack.running()
+            if not running:
+                console.print("[red]the stack was stopped from elsewhere[/]")
+                return
+            dead = [name for name, alive in running.items() if not alive]
+            if dead:
+                console.print(f"[red]{', '.join(dead)} exited; stopping the stack[/]")
+                return
+            next_check = time.monotonic() + CHECK_EVERY_S
+        time.sleep(POLL_S)
+    console.print(f"{signal.Signals(received[0]).name}: stopping the stack")
 
 
 def up(

@@ -172,18 +172,33 @@ def test_cancel_a_running_job_stops_it_in_ray(stack: Stack) -> None:
         assert second.json()["id"] == job_id  # the retry is the same job
         wait_state(http, job_id, {"RUNNING"}, timeout=90)
         cancelled = http.post(f"/v1/jobs/{job_id}/cancel")
-        assert cancelled.status_code == 200 and cancelled.json()["state"] == "CANCELLED"
+        assert cancelled.status_code == 200 and cancelled.json()["state"] == "CANCELLING"
+        # CANCELLED only once Ray reports the job ended.
+        wait_state(http, job_id, {"CANCELLED"}, timeout=90)
         assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
     ray = stack.ray_client()
-    wait_for(
-        "Ray to stop the job",
-        lambda: ray.get_job_status(f"klssl-{job_id}").value == "STOPPED",
-        timeout=60,
-    )
+    assert ray.get_job_status(f"klssl-{job_id}").value in ("STOPPED", "FAILED")
     submissions = [job for job in ray.list_jobs() if job.submission_id == f"klssl-{job_id}"]
     assert len(submissions) == 1
     run = MlflowClient(stack.mlflow_url).get_run(first.json()["mlflow_run_id"])
     assert run.info.status == "KILLED"
+
+
+def test_a_cancel_right_after_submit_stops_the_run(stack: Stack) -> None:
+    """Finding 5 of issue 11: immediate cancels once let training run to its end."""
+    with api(stack) as http:
+        job_ids = []
+        for index in range(3):
+            body = {"config": tiny_config(f"e2e-quick-cancel-{index}", epochs=50)}
+            job_id = http.post("/v1/jobs", json=body).json()["id"]
+            assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+            job_ids.append(job_id)
+        for job_id in job_ids:
+            job = wait_state(http, job_id, {"CANCELLED"}, timeout=180)
+            run = MlflowClient(stack.mlflow_url).get_run(job["mlflow_run_id"])
+            assert run.info.status == "KILLED"
+            # It never trained to its end: no final evaluation was logged.
+            assert "knn_top1" not in run.data.metrics, run.data.metrics
 
 
 def test_bad_input_is_a_422_and_creates_nothing(stack: Stack) -> None:

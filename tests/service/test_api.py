@@ -310,21 +310,29 @@ def test_cancel_queued_running_and_finished_jobs(
     assert sid is not None
     fake_ray.set(sid, JobState.RUNNING)
     services.dispatcher.run_once()
-    assert client.post(f"/v1/jobs/{running}/cancel", headers=ALICE).json()["state"] == "CANCELLED"
-    assert fake_ray.stopped == [sid]
-    services.dispatcher.run_once()  # Ray's STOPPED agrees with the record
+    cancelling = client.post(f"/v1/jobs/{running}/cancel", headers=ALICE).json()
+    assert cancelling["state"] == "CANCELLING" and fake_ray.stopped == [sid]
+    services.dispatcher.run_once()  # Ray reports STOPPED: the cancel is done
     assert services.store.get(running).state == "CANCELLED"  # type: ignore[union-attr]
+    assert client.post(f"/v1/jobs/{running}/cancel", headers=ALICE).status_code == 409
     assert queued not in {s["id"] for s in fake_ray.submissions}
 
 
-def test_cancel_needs_ray_for_a_submitted_job(
+def test_a_cancel_while_ray_is_down_is_carried_out_when_it_returns(
     client: TestClient, services: Services, fake_ray: FakeRay
 ) -> None:
     job = client.post("/v1/jobs", json=job_body(), headers=ALICE).json()["id"]
     services.dispatcher.run_once()
     fake_ray.available = False
-    assert client.post(f"/v1/jobs/{job}/cancel", headers=ALICE).status_code == 503
-    assert services.store.get(job).state == "PENDING"  # type: ignore[union-attr]
+    cancel = client.post(f"/v1/jobs/{job}/cancel", headers=ALICE)
+    assert cancel.status_code == 200 and cancel.json()["state"] == "CANCELLING"
+    services.dispatcher.run_once()
+    assert services.store.get(job).state == "CANCELLING"  # type: ignore[union-attr]
+    fake_ray.available = True
+    services.dispatcher.run_once()  # asks Ray again
+    assert fake_ray.stopped == [f"klssl-{job}"]
+    services.dispatcher.run_once()  # Ray reports STOPPED
+    assert services.store.get(job).state == "CANCELLED"  # type: ignore[union-attr]
 
 
 def test_logs_as_text_and_as_server_sent_events(

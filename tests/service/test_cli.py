@@ -59,7 +59,9 @@ def test_submit_status_list_logs_and_cancel(
     assert logs.exit_code == 0 and logs.stdout == "hello from the driver\n"
 
     cancelled = runner.invoke(klssl, ["cancel", job_id])
-    assert cancelled.exit_code == 0 and "CANCELLED" in cancelled.stdout
+    assert cancelled.exit_code == 0 and "CANCELLING" in cancelled.stdout  # on Ray: stopping
+    services.dispatcher.run_once()  # Ray reports the job stopped
+    assert "CANCELLED" in runner.invoke(klssl, ["status", job_id]).stdout
     again = runner.invoke(klssl, ["cancel", job_id])
     assert again.exit_code == 1 and "409" in again.output
 

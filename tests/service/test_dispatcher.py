@@ -80,9 +80,38 @@ def test_a_job_cancelled_during_its_submission_leaves_no_ray_job(
 
     fake_ray.submit = submit_while_user_cancels  # type: ignore[method-assign]
     services.dispatcher.run_once()
-    assert states(services, [job_id]) == ["CANCELLED"]
-    assert fake_ray.stopped == [submission_id(job_id)]
+    # The cancel found it SUBMITTING: CANCELLING, stopped, until Ray confirms the end.
+    assert states(services, [job_id]) == ["CANCELLING"]
+    assert set(fake_ray.stopped) == {submission_id(job_id)}
     assert fake_ray.jobs[submission_id(job_id)].state == JobState.CANCELLED
+    services.dispatcher.run_once()
+    assert states(services, [job_id]) == ["CANCELLED"]
+
+
+def test_a_cancel_holds_until_ray_reports_the_job_ended(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    """Ray can miss a stop (a job still starting): the record stays CANCELLING, holding
+    its slot, and the reconciler asks again until Ray reports the job ended."""
+    (job_id,) = submit(client, 1)
+    services.dispatcher.run_once()
+    sid = submission_id(job_id)
+    missed: list[str] = []
+    fake_ray.stop = missed.append  # type: ignore[method-assign]
+    cancel = client.post(f"/v1/jobs/{job_id}/cancel", headers=ALICE)
+    assert cancel.status_code == 200 and cancel.json()["state"] == "CANCELLING"
+    run = services.tracking.client().get_run(cancel.json()["mlflow_run_id"])
+    assert run.info.status == "KILLED"  # the driver's own signal to stop
+    for _ in range(2):
+        services.dispatcher.run_once()
+    assert states(services, [job_id]) == ["CANCELLING"] and missed == [sid] * 3
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=ALICE).status_code == 200
+    (other,) = submit(client, 1)
+    services.dispatcher.run_once()
+    assert states(services, [other]) == ["PENDING"]  # max 2: CANCELLING holds a slot
+    fake_ray.set(sid, JobState.FAILED)  # the driver saw its KILLED run and exited
+    services.dispatcher.run_once()
+    assert states(services, [job_id]) == ["CANCELLED"]
 
 
 def test_ray_down_keeps_jobs_queued_until_it_returns(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
 import schemathesis
 from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
@@ -44,6 +45,15 @@ def fuzzed_app() -> FastAPI:
 
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", fuzzed_app())
+
+
+@pytest.fixture(autouse=True)
+def ieee_floats() -> None:
+    """Hypothesis refuses to generate floats while denormals flush to zero, which
+    `trainer.loop.build_run` turns on process-wide (for speed) in earlier tests."""
+    import torch
+
+    torch.set_flush_denormal(False)
 
 
 @schema.parametrize()

@@ -167,9 +167,11 @@ def test_cancelling_a_sweep_stops_its_ray_job_and_closes_its_runs(
     assert client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=BOB).status_code == 404
     cancelled = client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=ALICE)
     assert cancelled.status_code == 200, cancelled.text
-    assert cancelled.json()["state"] == "CANCELLED"
+    assert cancelled.json()["state"] == "CANCELLING"  # on Ray: CANCELLED once it stopped
     assert [trial["trial_id"] for trial in cancelled.json()["trials"]] == ["t1"]
     assert fake_ray.stopped == [f"klssl-{sweep['id']}"]
     assert mlflow.get_run(sweep["mlflow_run_id"]).info.status == "KILLED"
     assert mlflow.get_run(child.info.run_id).info.status == "KILLED"
+    services.dispatcher.run_once()
+    assert client.get(f"/v1/sweeps/{sweep['id']}", headers=ALICE).json()["state"] == "CANCELLED"
     assert client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=ALICE).status_code == 409

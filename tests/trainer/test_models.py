@@ -7,8 +7,9 @@ import timm
 import torch
 from torch import nn
 
-from trainer.config import ModelConfig
+from trainer.config import BACKBONE_KWARGS, ModelConfig
 from trainer.models import (
+    STOCHASTIC_KWARGS,
     ProjectionHead,
     build_backbone,
     build_network,
@@ -176,3 +177,59 @@ def test_unwrap_returns_the_inner_module() -> None:
 
     assert unwrap(Wrapper()) is inner
     assert unwrap(inner) is inner
+
+
+def test_the_allowed_backbone_kwargs_are_timm_constructor_arguments() -> None:
+    # Every key of the allow-list builds, on the family it belongs to.
+    vit = ModelConfig(
+        backbone="vit_tiny_patch16_224",
+        patch_size=4,
+        backbone_kwargs={
+            "depth": 1,
+            "embed_dim": 32,
+            "num_heads": 2,
+            "mlp_ratio": 2.0,
+            "qkv_bias": False,
+            "qk_norm": True,
+            "class_token": True,
+            "no_embed_class": True,
+            "reg_tokens": 1,
+            "pre_norm": True,
+            "init_values": 1e-5,
+            "img_size": 16,
+            "dynamic_img_size": True,
+            "dynamic_img_pad": False,
+            "drop_rate": 0.1,
+            "attn_drop_rate": 0.1,
+            "proj_drop_rate": 0.1,
+            "pos_drop_rate": 0.1,
+            "patch_drop_rate": 0.1,
+            "drop_path_rate": 0.1,
+        },
+    )
+    assert build_backbone(vit, image_size=16)(torch.randn(2, 3, 16, 16)).shape == (2, 32)
+    resnet = ModelConfig(
+        backbone="resnet14t",  # bottleneck blocks: cardinality > 1 is a ResNeXt
+        backbone_kwargs={
+            "cardinality": 2,
+            "base_width": 32,
+            "stem_width": 16,
+            "stem_type": "deep",
+            "avg_down": True,
+            "zero_init_last": False,
+            "drop_block_rate": 0.1,
+        },
+    )
+    assert build_backbone(resnet, image_size=16)(torch.randn(2, 3, 16, 16)).ndim == 2
+    covered = set(vit.backbone_kwargs) | set(resnet.backbone_kwargs) | {"patch_size"}
+    assert covered == set(BACKBONE_KWARGS)
+    assert set(STOCHASTIC_KWARGS) <= set(BACKBONE_KWARGS)
+
+
+def test_unchecked_backbone_kwargs_never_reach_timm() -> None:
+    # model_copy(update=...) skips validation: the builder checks the allow-list again.
+    config = ModelConfig(backbone="resnet18").model_copy(
+        update={"backbone_kwargs": {"checkpoint_path": "/etc/passwd"}}
+    )
+    with pytest.raises(ValueError, match="'checkpoint_path' is refused: it names a file"):
+        build_backbone(config, image_size=32)

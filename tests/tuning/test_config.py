@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,152 @@ def test_the_example_sweep_loads_with_overrides() -> None:
     assert config.base.schedule.epochs == 2
     with pytest.raises(ConfigError, match=r"base.schedule.epochs: Input should be greater"):
         load_sweep(CONFIGS / "digits-sweep.yaml", ["schedule.epochs=0"])
+
+
+# ------------------------------------------------------------------ bounds (issue 11)
+
+ABSURD_SWEEPS = [
+    ({"num_samples": 10**12}, "num_samples", "less than or equal to 10000"),
+    ({"num_samples": float("inf")}, "num_samples", "finite number"),
+    ({"max_concurrent_trials": 10**6}, "max_concurrent_trials", "less than or equal to 1024"),
+    ({"seed": 2**40}, "seed", "less than or equal"),
+    ({"asha": {"grace_period": 10**9}}, "asha.grace_period", "less than or equal"),
+    ({"asha": {"max_t": 10**9}}, "asha.max_t", "less than or equal"),
+    ({"asha": {"reduction_factor": float("inf")}}, "asha.reduction_factor", "finite number"),
+    ({"asha": {"reduction_factor": 1e9}}, "asha.reduction_factor", "less than or equal"),
+    ({"collapse": {"threshold": float("nan")}}, "collapse.threshold", "finite number"),
+    ({"collapse": {"patience": 10**9}}, "collapse.patience", "less than or equal"),
+    ({"collapse": {"grace_epochs": 10**9}}, "collapse.grace_epochs", "less than or equal"),
+    ({"resources": {"workers_per_trial": 10**6}}, "resources.workers_per_trial", "less than"),
+    ({"resources": {"cpus_per_worker": float("inf")}}, "resources.cpus_per_worker", "finite"),
+    ({"resources": {"cpus_per_worker": 1e9}}, "resources.cpus_per_worker", "less than"),
+    ({"metric": "m" * 1000}, "metric", "at most 128 characters"),
+    ({"name": "n" * 1000}, "name", "at most 128 characters"),
+]
+
+
+@pytest.mark.parametrize(("fields", "field", "reason"), ABSURD_SWEEPS)
+def test_absurd_sweep_values_name_their_field(
+    fields: dict[str, Any], field: str, reason: str
+) -> None:
+    found = problems(sweep({"objective.teacher_temp": TEMP}, **fields))
+    matching = [p for p in found if p.startswith(f"{field}:")]
+    assert matching, f"no error for {field} in {found}"
+    assert reason in matching[0], matching[0]
+
+
+@pytest.mark.parametrize(
+    ("distribution", "field", "reason"),
+    [
+        ({"type": "uniform", "low": 0.01, "high": float("inf")}, ".high", "finite number"),
+        ({"type": "loguniform", "low": float("nan"), "high": 1}, ".low", "finite number"),
+        ({"type": "uniform", "low": 0.01, "high": 1e300}, ".high", "less than or equal"),
+        ({"type": "choice", "values": [0.05, float("inf")]}, ".values.1.float", "finite"),
+        ({"type": "grid", "values": [0.05] * 1001}, ".values", "at most 1000 items"),
+    ],
+)
+def test_infinite_or_oversized_distributions_are_refused(
+    distribution: dict[str, Any], field: str, reason: str
+) -> None:
+    found = problems(sweep({"objective.teacher_temp": distribution}))
+    path = f"space.objective.teacher_temp{field}"
+    matching = [p for p in found if p.startswith(f"{path}:")]
+    assert matching, f"no error for {path} in {found}"
+    assert reason in matching[0], matching[0]
+
+
+def test_a_base_config_with_an_infinity_is_refused() -> None:
+    raw = sweep({"objective.teacher_temp": TEMP})
+    raw["base"]["optim"]["lr"] = float("inf")
+    found = problems(raw)
+    assert found[0].startswith("base.optim.lr: Input should be a finite number")
+
+
+def test_huge_grids_are_refused_by_their_trial_count() -> None:
+    grid = {"type": "grid", "values": list(range(1, 101))}
+    # 100 x 100 x 100 = 1e6 points: refused before anything runs.
+    found = problems(
+        sweep({"data.batch_size": grid, "runtime.seed": grid, "schedule.epochs": grid})
+    )
+    assert found == [
+        "space: the grid has 100 x 100 x 100 points, times num_samples 1: "
+        "1000000 trials, more than 10000"
+    ]
+    # Choices are grids under search: grid, and num_samples repeats the whole grid.
+    choice = {"type": "choice", "values": list(range(1, 101))}
+    found = problems(
+        sweep({"data.batch_size": choice, "runtime.seed": choice}, search="grid", num_samples=2)
+    )
+    assert found == [
+        "space: the grid has 100 x 100 points, times num_samples 2: 20000 trials, more than 10000"
+    ]
+
+
+def test_a_space_with_too_many_values_is_refused_before_any_is_checked() -> None:
+    many = {"type": "choice", "values": list(range(100_000))}
+    started = time.perf_counter()
+    found = problems(sweep({"runtime.seed": many}))
+    assert time.perf_counter() - started < 1.0  # no trial config is built for these
+    assert found == ["space: 100000 choice and grid values in all, more than 10000"]
+    spread = {f"p{i}": {"type": "choice", "values": list(range(1000))} for i in range(11)}
+    assert problems(sweep(spread)) == [
+        "space: 11000 choice and grid values in all, more than 10000"
+    ]
+
+
+def test_too_many_or_too_long_field_paths_are_refused() -> None:
+    keys = {f"objective.x{i}": TEMP for i in range(65)}
+    (found,) = problems(sweep(keys))
+    assert found.startswith("space: 65 swept fields, more than 64")
+    (found,) = problems(sweep({"o" * 5000: TEMP}))
+    assert found.startswith('space: field path "oooo')
+    assert found.endswith("of 5000 characters is longer than 128")
+    assert len(found) < 300
+
+
+def test_invalid_values_are_cut_and_counted() -> None:
+    values = ["x" * 10_000] + [-float(i) for i in range(1, 20)]
+    found = problems(sweep({"objective.teacher_temp": {"type": "choice", "values": values}}))
+    assert len(found) == 6  # five one by one, then the count of the rest
+    assert found[0].startswith('space.objective.teacher_temp: value "xxxx')
+    assert len(found[0]) < 400  # a 10,000-character value is cut, never echoed whole
+    assert found[-1] == "space.objective.teacher_temp: and 15 more invalid values"
+
+
+def test_the_documented_large_sweep_values_are_accepted() -> None:
+    raw = sweep(
+        {
+            "objective.teacher_temp": {"type": "loguniform", "low": 0.02, "high": 0.1},
+            "objective.num_clusters": {"type": "choice", "values": [65536, 131072, 262144]},
+            "data.max_samples": {"type": "uniform", "low": 10**6, "high": 10**10},
+        },
+        num_samples=10_000,
+        max_concurrent_trials=1024,
+        seed=2**32 - 1,
+        resources={"workers_per_trial": 4096, "cpus_per_worker": 256},
+        asha={"grace_period": 1, "reduction_factor": 4},
+    )
+    config = validate_sweep(raw)
+    assert config.trial_count() == 10_000
+    assert config.trial_base().runtime.num_workers == 4096
+    grid = {"type": "grid", "values": list(range(1, 101))}
+    config = validate_sweep(sweep({"data.batch_size": grid, "runtime.seed": grid}))
+    assert config.trial_count() == 10_000  # the largest grid: 100 x 100
+    assert config.grid_sizes() == [100, 100]
+    one = {"type": "choice", "values": [0.04 + i * 1e-5 for i in range(1000)]}
+    assert validate_sweep(sweep({"objective.teacher_temp": one})).samples == 8
+
+
+def test_the_trial_count_is_what_the_driver_expects() -> None:
+    driver = pytest.importorskip("tuning.driver")
+    grid = {"type": "grid", "values": [1, 2, 3]}
+    choice = {"type": "choice", "values": [16, 32]}
+    for search, samples in (("random", 4), ("grid", 2)):
+        config = validate_sweep(
+            sweep(
+                {"runtime.seed": grid, "data.batch_size": choice},
+                search=search,
+                num_samples=samples,
+            )
+        )
+        assert config.trial_count() == driver.expected_trials(config)

@@ -13,6 +13,7 @@ A worker failure restarts the group from the newest checkpoint up to
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import ray.train
 import ray.train.torch
 
 from trainer.config import TrainConfig
+from trainer.distributed.cancel import CancelWatch, refuse_if_cancelled
 from trainer.distributed.cluster import Placement, check_cluster_capacity, plan_placement
 from trainer.distributed.environment import connect_ray, require_train_v2
 from trainer.distributed.storage import check_storage, default_storage_path, storage_uri
@@ -221,7 +223,8 @@ def launch_training(
             **(tags or {}),
         }
         if mlflow_run_id is not None:
-            tracked = attach_run(tracking_uri, mlflow_run_id)
+            tracked = attach_run(tracking_uri, mlflow_run_id, reopen=False)
+            refuse_if_cancelled(tracked)  # its owner closed it: the job was cancelled
             set_tags(tracked, run_tags)
         else:
             tracked = create_run(config, tracking_uri, run_name=name, tags=run_tags)
@@ -236,15 +239,17 @@ def launch_training(
         register_as=register_as,
         register_alias=register_alias,
     )
+    watch = CancelWatch(tracked) if tracked is not None else contextlib.nullcontext()
     try:
-        outcome = fit_run(
-            setup,
-            placement,
-            run_name=name,
-            storage_path=fs_path,
-            filesystem=filesystem,
-            train_loop=train_loop,
-        )
+        with watch:
+            outcome = fit_run(
+                setup,
+                placement,
+                run_name=name,
+                storage_path=fs_path,
+                filesystem=filesystem,
+                train_loop=train_loop,
+            )
     except BaseException:
         if tracked is not None and mlflow_run_id is None:
             finish_run(tracked, "FAILED")

@@ -25,8 +25,10 @@ from trainer.checkpoint import (
     checkpoint_name,
     load_checkpoint_config,
     load_payload,
+    load_rng,
     rng_state,
     save_checkpoint,
+    save_rng,
 )
 from trainer.config import TrainConfig
 from trainer.engine import TrainingState
@@ -115,7 +117,7 @@ class RayHooks:
             if self.run.rank == 0:
                 save_checkpoint(directory, state, config)
             (directory / RNG_DIR).mkdir(parents=True, exist_ok=True)
-            torch.save(rng_state(), directory / RNG_DIR / f"rank_{self.run.rank}.pt")
+            save_rng(directory / RNG_DIR / f"rank_{self.run.rank}.pt")
             # Synchronous upload: when this returns, the checkpoint is on the storage.
             ray.train.report(
                 report,
@@ -145,7 +147,7 @@ def _resume_payload(rank: int) -> dict[str, Any] | None:
         payload = load_payload(directory)
         own = directory / RNG_DIR / f"rank_{rank}.pt"
         if own.exists():
-            payload["rng"] = torch.load(own, weights_only=False)
+            payload["rng"] = load_rng(own)  # weights_only=True, as the state itself
         elif rank > 0:
             payload["rng"] = None
     return payload
