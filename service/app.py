@@ -11,12 +11,14 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 from fastapi import FastAPI, Response
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.deps import Services
@@ -25,6 +27,7 @@ from service.errors import validation_error
 from service.limits import BodyLimit, StreamSlots
 from service.ray_jobs import RayJobs, RayJobsClient
 from service.routes import health, jobs, sweeps
+from service.schemas import SweepCreate
 from service.settings import Settings
 from service.store import JobStore
 from service.tracking import Tracking
@@ -148,7 +151,28 @@ def create_app(
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(sweeps.router)
+    with_models_in_openapi(app, [SweepCreate])
     return app
+
+
+def with_models_in_openapi(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Add ``models`` to the app's OpenAPI components: bodies that routes read themselves
+    (`service.routes.common.body_off_the_loop`) are referenced there by name."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, definition in model_schema.pop("$defs", {}).items():
+                    components.setdefault(name, definition)
+                components[model.__name__] = model_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def app_from_env() -> FastAPI:

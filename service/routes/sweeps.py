@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
@@ -28,7 +28,9 @@ from service.routes.common import (
     IdempotencyKey,
     accept,
     announce,
+    body_off_the_loop,
     cancel_owned,
+    documented_body,
     find_job,
     list_page,
     unavailable,
@@ -65,9 +67,10 @@ async def with_trials(job: Job, tracking: Tracking, settings: SettingsDep) -> Sw
     status_code=status.HTTP_202_ACCEPTED,
     response_model=SweepOut,
     responses={422: {"description": "Invalid sweep: field path and reason."}},
+    openapi_extra=documented_body(SweepCreate),
 )
 async def create_sweep(
-    body: SweepCreate,
+    body: Annotated[SweepCreate, Depends(body_off_the_loop(SweepCreate))],
     response: Response,
     owner: Owner,
     store: StoreDep,

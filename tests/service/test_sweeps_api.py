@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -175,3 +177,31 @@ def test_cancelling_a_sweep_stops_its_ray_job_and_closes_its_runs(
     services.dispatcher.run_once()
     assert client.get(f"/v1/sweeps/{sweep['id']}", headers=ALICE).json()["state"] == "CANCELLED"
     assert client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=ALICE).status_code == 409
+
+
+def test_a_large_sweep_is_validated_off_the_event_loop(app: Any) -> None:
+    """10,000 choice values take seconds to validate (each is substituted into the base
+    config): meanwhile the API answers other requests (finding 6: /healthz waited 10 s)."""
+    space = {
+        path: {"type": "choice", "values": [0.01 + index * 1e-6 for index in range(1000)]}
+        for path in (
+            "objective.teacher_temp", "objective.student_temp", "optim.lr",
+            "optim.weight_decay", "optim.min_lr", "objective.warmup_teacher_temp",
+            "objective.prior_momentum", "schedule.teacher_momentum", "objective.prior_power",
+        )
+    }  # fmt: skip
+    space["data.holdout_fraction"] = {"type": "choice", "values": [0.1] * 999 + [7.0]}
+    body = {"config": {"base": job_body("svc-big")["config"], "space": space, "num_samples": 1}}
+
+    async def scenario() -> tuple[bool, int, int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            sweep = asyncio.create_task(client.post("/v1/sweeps", json=body, headers=ALICE))
+            await asyncio.sleep(0.05)  # the sweep's body is being validated
+            health = await client.get("/healthz")
+            answered_first = not sweep.done()
+            return answered_first, health.status_code, (await sweep).status_code
+
+    answered_first, health, sweep = asyncio.run(scenario())
+    assert health == 200 and answered_first
+    assert sweep == 422  # 7.0 is no holdout fraction
