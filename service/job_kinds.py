@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, TypeAdapter
@@ -51,6 +52,9 @@ class KindInfo:
     """Whether the run is a parent whose children end with it."""
     progress: Callable[[Tracking, str, Any], Progress]
     """Read how far the job got from its MLflow run id and its config."""
+    sampled_paths: Callable[[Any], list[tuple[tuple[str, ...], Path]]] = lambda config: []
+    """Paths a job may read besides its base config's, with their request locations
+    (a sweep's ``data.path`` choices): confined at admission like the base's."""
 
 
 KINDS: dict[JobKind, KindInfo] = {
@@ -83,8 +87,24 @@ KINDS: dict[JobKind, KindInfo] = {
         progress=lambda tracking, run_id, config: tracking.sweep_progress(
             run_id, *config.objective
         ),
+        sampled_paths=lambda config: sweep_paths(config),
     ),
 }
+
+
+PATH_FIELDS = ("data.path",)
+"""TrainConfig fields that name something on disk."""
+
+
+def sweep_paths(sweep: SweepConfig) -> list[tuple[tuple[str, ...], Path]]:
+    """Every path a sweep's space can give a trial, with its location in the request."""
+    found: list[tuple[tuple[str, ...], Path]] = []
+    for field, distribution in sweep.space.items():
+        if field in PATH_FIELDS:
+            for index, value in enumerate(getattr(distribution, "values", ())):
+                loc = ("body", "config", "space", field, "values", str(index))
+                found.append((loc, Path(str(value))))
+    return found
 
 
 def kind_of(config: TrainConfig | SweepConfig) -> KindInfo:

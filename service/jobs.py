@@ -30,7 +30,7 @@ from service.store import (
 from service.tracking import Tracking, TrackingRejectedError
 from trainer.config import TrainConfig
 from trainer.mlflow_names import JOB_ID_TAG, OWNER_TAG
-from trainer.preflight import PreflightError, preflight
+from trainer.preflight import PreflightError, confined_path, preflight
 from tuning.config import SweepConfig
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,20 @@ def checked(config: TrainConfig | SweepConfig, roots: list[Path]) -> TrainConfig
         InvalidJobError: every problem, located in the request body.
     """
     info = kind_of(config)
+    problems: list[tuple[tuple[str, ...], str]] = []
+    for loc, path in info.sampled_paths(config):
+        try:
+            confined_path(path, roots)
+        except ValueError as error:
+            problems.append((loc, str(error)))
     try:
         ready = preflight(info.base(config), allowed_roots=roots)
     except PreflightError as error:
-        raise InvalidJobError(
-            [((*info.base_loc, *field.split(".")), reason) for field, reason in error.fields]
-        ) from None
+        problems += [
+            ((*info.base_loc, *field.split(".")), reason) for field, reason in error.fields
+        ]
+    if problems:
+        raise InvalidJobError(problems)
     return info.with_base(config, ready)
 
 

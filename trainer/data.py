@@ -258,6 +258,7 @@ def _imagefolder(config: DataConfig, seed: int) -> DataSplits:
             empty.append(class_dir.name)
         files += images
         labels += [label] * len(images)
+    check_confined(root, [*class_dirs, *files])
     if not files:
         raise ValueError(
             f"imagefolder {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
@@ -270,6 +271,25 @@ def _imagefolder(config: DataConfig, seed: int) -> DataSplits:
     dataset = ImageFiles(files, labels)
     names = [p.name for p in class_dirs]
     return DataSplits(dataset.subset(train), dataset.subset(holdout), len(names), names)
+
+
+def check_confined(root: Path, entries: list[Path]) -> None:
+    """Refuse entries (class folders, images) that resolve outside ``root``.
+
+    The data path itself was confined by `trainer.preflight`; a symlink inside it must
+    not lead elsewhere on the host.
+
+    Raises:
+        ValueError: naming up to five escaping entries and how many there are.
+    """
+    inside = root.resolve()
+    escaping = [entry for entry in entries if not entry.resolve().is_relative_to(inside)]
+    if escaping:
+        shown = ", ".join(str(entry.relative_to(root)) for entry in escaping[:5])
+        raise ValueError(
+            f"imagefolder {root}: {len(escaping)} entries are symlinks that resolve outside "
+            f"the data folder ({shown}); copy the data in or point data.path at it"
+        )
 
 
 def find_class_root(path: Path) -> Path:

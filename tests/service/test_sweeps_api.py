@@ -122,6 +122,23 @@ def test_a_sweep_path_outside_the_data_roots_is_a_422(client: TestClient, tmp_pa
     assert response.json()["detail"][0]["loc"] == ["body", "config", "base", "data", "path"]
 
 
+def test_a_swept_path_outside_the_data_roots_is_a_422(
+    client: TestClient, services: Services, data_root: Path, tmp_path: Path
+) -> None:
+    """Finding 3: only the base's path was checked; a space's choices reached the trials."""
+    body = sweep_body("svc-sweep-space-path")
+    body["config"]["base"]["data"].update(kind="imagefolder", path=str(data_root / "images"))
+    body["config"]["space"] = {
+        "data.path": {"type": "choice", "values": [str(data_root / "images"), "/etc"]}
+    }
+    response = client.post("/v1/sweeps", json=body, headers=ALICE)
+    assert response.status_code == 422, response.text
+    (problem,) = response.json()["detail"]
+    assert problem["loc"] == ["body", "config", "space", "data.path", "values", "1"]
+    assert "outside the allowed data roots" in problem["msg"]
+    assert client.get("/v1/sweeps", headers=ALICE).json()["total"] == 0
+
+
 def trial_run(
     services: Services, sweep: dict[str, Any], trial_id: str, owner: str, **tags: str
 ) -> Any:

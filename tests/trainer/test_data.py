@@ -172,6 +172,27 @@ def test_imagefolder(tmp_path: Path) -> None:
     assert image.shape == (3, 11, 14)
 
 
+@pytest.mark.parametrize("link", ["class folder", "image"])
+def test_imagefolder_refuses_symlinks_out_of_the_data_folder(tmp_path: Path, link: str) -> None:
+    """Finding 3 of issue 11: the data path is confined, and so is what is inside it."""
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    write_imagefolder(root, {"cat": 3, "ant": 3})
+    write_imagefolder(outside, {"secret": 2})
+    if link == "class folder":
+        (root / "secret").symlink_to(outside / "secret", target_is_directory=True)
+    else:
+        (root / "cat" / "9999.png").symlink_to(outside / "secret" / "0000.png")
+    with pytest.raises(ValueError, match="symlinks that resolve outside the data folder"):
+        build_splits(DataConfig(kind="imagefolder", path=root), seed=0)
+
+
+def test_a_symlink_inside_the_data_folder_is_fine(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path, {"cat": 3, "ant": 3})
+    (tmp_path / "ant" / "again.png").symlink_to(tmp_path / "ant" / "0000.png")
+    splits = build_splits(DataConfig(kind="imagefolder", path=tmp_path), seed=0)
+    assert len(splits.train) + len(splits.holdout) == 7
+
+
 def test_imagefolder_accepts_a_train_subfolder(tmp_path: Path) -> None:
     write_imagefolder(tmp_path / "train", {"a": 3, "b": 3})
     (tmp_path / "test").mkdir()
