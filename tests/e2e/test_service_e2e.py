@@ -327,13 +327,10 @@ def test_cancelling_a_sweep_stops_its_trials_in_ray(stack: Stack) -> None:
 
         wait_for("a running trial", trial_running, timeout=180, every=2.0)
         cancelled = http.post(f"/v1/sweeps/{sweep_id}/cancel")
-        assert cancelled.status_code == 200 and cancelled.json()["state"] == "CANCELLED"
+        assert cancelled.status_code == 200 and cancelled.json()["state"] == "CANCELLING"
+        wait_state(http, sweep_id, {"CANCELLED"}, timeout=120)  # once Ray reports the end
     ray = stack.ray_client()
-    wait_for(
-        "Ray to stop the sweep",
-        lambda: ray.get_job_status(f"klssl-{sweep_id}").value == "STOPPED",
-        timeout=60,
-    )
+    assert ray.get_job_status(f"klssl-{sweep_id}").value in ("STOPPED", "FAILED")
     headers = {"Authorization": f"Bearer {stack.info.ray_token}"}
 
     def no_training_workers() -> bool:
