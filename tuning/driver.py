@@ -450,6 +450,7 @@ def sweep_parent_run(
         client = MlflowClient(tracking_uri=tracking_uri)
         experiment = client.get_experiment_by_name(base.name)
         runs: list[Any] = []
+        earlier: str | None = None
         if experiment is not None:
             runs = client.search_runs(
                 [experiment.experiment_id],

@@ -17,6 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 HOST = "127.0.0.1"
+# What `stop_group` waits: for the group leader after SIGTERM, for the rest of its tree,
+# and after SIGKILL. Each stop therefore ends within `STOP_BOUND_S` of its start.
+STOP_GRACE_S = 10.0
+TREE_GRACE_S = 2.0
+KILL_WAIT_S = 10.0
+STOP_BOUND_S = STOP_GRACE_S + TREE_GRACE_S + KILL_WAIT_S
+# Files the stack's processes create are private to the user who runs it: 0600 and 0700.
+PRIVATE_UMASK = 0o077
 
 
 def free_port() -> int:
@@ -85,26 +93,28 @@ def _wait_gone(pids: list[int], timeout: float) -> bool:
     return True
 
 
-def stop_group(pid: int, grace: float = 10.0) -> None:
+def stop_group(pid: int, grace: float = STOP_GRACE_S) -> bool:
     """SIGTERM the process group led by ``pid``, then SIGKILL what is left of its tree.
 
     ``pid`` must lead its own group (started with `spawn`), so the signal reaches what it
     spawned and nothing else; descendants that left the group are found through /proc.
+    Every wait is bounded: this returns within ``grace + TREE_GRACE_S + KILL_WAIT_S``
+    seconds, however loaded the machine or stuck the processes. Whether all are gone.
     """
     tree = descendants(pid)  # before they are orphaned
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)
-    if _wait_gone([pid], grace) and _wait_gone(tree, 2.0):
-        return
+    if _wait_gone([pid], grace) and _wait_gone(tree, TREE_GRACE_S):
+        return True
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    for child in [pid, *tree]:
+    for child in [pid, *tree, *descendants(pid)]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(child, signal.SIGKILL)
-    _wait_gone([pid, *tree], 10.0)
+    return _wait_gone([pid, *tree], KILL_WAIT_S)
 
 
-def stop_tree(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+def stop_tree(process: subprocess.Popen[bytes], grace: float = STOP_GRACE_S) -> None:
     """`stop_group` for a child process of ours, which is then reaped."""
     if process.poll() is not None:
         return
@@ -123,8 +133,17 @@ def spawn(args: list[str], *, env: dict[str, str], cwd: Path, log: Path) -> subp
     """Start ``args`` in a session (and process group) of its own, output appended to ``log``.
 
     Its own group lets `stop_tree` stop it with everything it spawned, and nothing else.
+    It runs with umask 077: its files are 0600 and its folders 0700 (unless it sets modes
+    itself), and so are those of what it spawns.
     """
-    output = log.open("ab")  # stays open as long as the process writes to it
+    descriptor = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    output = os.fdopen(descriptor, "ab")  # stays open as long as the process writes to it
     return subprocess.Popen(
-        args, env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        args,
+        env=env,
+        cwd=cwd,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        umask=PRIVATE_UMASK,
     )

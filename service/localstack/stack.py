@@ -10,10 +10,24 @@ local artifact directory) and the API (uvicorn). Everything lives in one state d
     <state-dir>/logs/NAME.log  each process's output
     <state-dir>/api-token      the generated API token (mode 0600), also ray-token
     <state-dir>/jobs.db, mlflow.db, mlartifacts/, checkpoints/
+    <state-dir>/ray/           Ray's temp dir (sockets, session logs), when the path is
+                               short enough for Ray's unix sockets; else a private
+                               folder in /tmp (`LocalStack.ray_temp_dir`)
+
+Private to the user who runs it: the state dir and its folders are 0700, its files 0600
+(the processes run with umask 077). Ray makes its temp dir and session folders 0777 and
+does so again as it runs (no option turns that off), so that dir always lies inside a
+0700 folder: the state dir, or /tmp/klssl-<hash>/ for long paths.
+
+On loopback only: MLflow and the API listen on 127.0.0.1, and so does every Ray server
+(GCS, raylet, object manager, dashboard and its agents, metrics exporters, the Ray client
+server): Ray binds them to loopback when a node's IP is 127.0.0.1, which
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps it at (a stack without extra nodes only:
+Ray 2.60 will not join a head with it set).
 
 Each process leads a process group of its own, so `LocalStack.down` stops exactly what
 `LocalStack.up` started (by pid and start time, never by name) with everything they
-spawned, and nothing else.
+spawned, and nothing else; each stop is bounded (`processes.STOP_BOUND_S`).
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ import httpx
 
 from service.localstack.processes import (
     HOST,
+    STOP_BOUND_S,
     clean_env,
     free_port,
     is_alive,
@@ -154,10 +169,34 @@ def read_stack_info(state_dir: Path) -> StackInfo | None:
     return StackInfo(**json.loads(path.read_text()))
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only its owner can enter (0700), created when missing.
+
+    Raises:
+        StackError: ``path`` is a symlink or belongs to another user (in /tmp, someone
+            else may have made it first).
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.is_symlink() or path.stat().st_uid != os.getuid():
+        raise StackError(
+            f"{path} is a symlink or another user's folder; remove it or choose another --state-dir"
+        )
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable by its owner only (0600), whatever its mode was."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+
+
 def secret_file(path: Path) -> str:
     """The token in ``path``, created (readable by the owner only) on first use."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "w") as handle:
             handle.write(secrets.token_urlsafe(TOKEN_BYTES) + "\n")
@@ -245,14 +284,13 @@ class LocalStack:
         self._check_ports()
         for stale in self.pids.glob("*.pid") if self.pids.exists() else []:
             stale.unlink()
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.pids.mkdir(parents=True, exist_ok=True)
+        self.make_private()
         info = self._plan()
         try:
             for name in self.components:
                 report(f"starting {name}")
                 self.start(name, info)
-            (self.state_dir / STATE_FILE).write_text(json.dumps(asdict(info), indent=2))
+            write_private(self.state_dir / STATE_FILE, json.dumps(asdict(info), indent=2))
             for name in self.components:
                 self.wait_healthy(name, info)
                 report(f"{name} is healthy")
@@ -260,6 +298,19 @@ class LocalStack:
             self.down()
             raise
         return info
+
+    def make_private(self) -> None:
+        """The state dir and its folders 0700, the files it holds 0600 (from older stacks
+        too); what the processes create later is private through their umask."""
+        for folder in (self.state_dir, self.logs, self.pids, self.ray_temp_dir().parent):
+            private_dir(folder)
+        for name in ("mlartifacts", "checkpoints", "ray"):
+            if (self.state_dir / name).is_dir():
+                private_dir(self.state_dir / name)
+        for folder in (self.state_dir, self.logs, self.pids):
+            for path in folder.iterdir():
+                if path.is_file() and not path.is_symlink():
+                    path.chmod(0o600)
 
     def _check_ports(self) -> None:
         taken = [
@@ -292,22 +343,31 @@ class LocalStack:
         """Start one component (it must not run) and write its pid file."""
         args, env = self._command(name, info)
         log = self.logs / f"{name}.log"
-        with log.open("ab") as handle:
+        descriptor = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(descriptor, "ab") as handle:
             handle.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
         process = spawn(args, env=env, cwd=self.state_dir, log=log)
         state = process_state(process.pid)
         record = ProcessRecord(process.pid, state[1] if state else 0)
-        (self.pids / f"{name}.pid").write_text(f"{record.pid} {record.start_time}\n")
+        write_private(self.pids / f"{name}.pid", f"{record.pid} {record.start_time}\n")
         return record
 
     def stop(self, name: str) -> bool:
-        """Stop one component by its pid file; whether it was running."""
+        """Stop one component by its pid file; whether it was running.
+
+        Bounded: SIGTERM to its process group, SIGKILL to what is left of its tree after
+        the grace period, so this returns within `processes.STOP_BOUND_S` seconds.
+        """
         record = self.record(name)
         was_running = record is not None and record.alive()
         if record is not None and was_running:
             stop_group(record.pid)
         (self.pids / f"{name}.pid").unlink(missing_ok=True)
         return was_running
+
+    def stop_bound_s(self) -> float:
+        """The longest `down` can take: every component's bounded stop, one after another."""
+        return STOP_BOUND_S * len(self.components)
 
     def down(self) -> list[str]:
         """Stop every process this state dir started, API first; the names that ran."""
@@ -320,16 +380,30 @@ class LocalStack:
     # -- commands -----------------------------------------------------------------------
 
     def ray_temp_dir(self) -> Path:
-        """Ray's temp dir: in the state dir when its path is short enough for sockets."""
+        """Ray's temp dir: in the state dir when its path is short enough for sockets,
+        else in a folder of /tmp that only this user can enter (`make_private`)."""
         inside = self.state_dir / "ray"
         if len(str(inside)) <= MAX_RAY_TEMP_DIR:
             return inside
         digest = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:10]
-        return Path(f"/tmp/klssl-ray-{digest}")
+        return Path(f"/tmp/klssl-{digest}/ray")
 
     def _ray_env(self) -> dict[str, str]:
         token = secret_file(self.state_dir / "ray-token")
-        return clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
+        env = clean_env(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=token,
+            RAY_USAGE_STATS_ENABLED="0",
+            # No Serve here to drain: on SIGTERM, stop at once instead of draining 30 s.
+            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        )
+        if self.options.extra_nodes == 0:
+            # Keeps 127.0.0.1 as the node IP in `ray start` and in every driver and
+            # worker, which inherit it: Ray then binds every server to loopback. Ray 2.60
+            # refuses to join a head with it set, and has no other bind option, so a
+            # stack with extra nodes binds the host's address (docs/deploy.md).
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        return env
 
     def _command(self, name: str, info: StackInfo) -> tuple[list[str], dict[str, str]]:
         options, state = self.options, self.state_dir

@@ -42,6 +42,13 @@ THIRD_PARTY = {
     "MLFLOW_S3_ENDPOINT_URL": "MLflow's S3 artifact repository (MinIO endpoint)",
     "MLFLOW_SERVER_ALLOWED_HOSTS": "mlflow server: accepted Host headers",
     "MLFLOW_BACKEND_STORE_URI": "the mlflow server command line (--backend-store-uri)",
+    "MLFLOW_AUTH_DATABASE_URI": "the mlflow server command: its basic-auth config's database",
+    "MLFLOW_AUTH_CONFIG_PATH": "mlflow server: where the basic-auth app's config is",
+    "MLFLOW_AUTH_ADMIN_USERNAME": "mlflow server: the admin account made on the first start",
+    "MLFLOW_AUTH_ADMIN_PASSWORD": "mlflow server: the admin account made on the first start",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "mlflow server: the key of the basic-auth CSRF tokens",
+    "MLFLOW_TRACKING_USERNAME": "MLflow's client (api, job drivers, workers): its login",
+    "MLFLOW_TRACKING_PASSWORD": "MLflow's client (api, job drivers, workers): its login",
     "RAY_AUTH_MODE": "Ray: token authentication",
     "RAY_AUTH_TOKEN": "Ray: the cluster token",
 }
@@ -59,6 +66,8 @@ COMPOSE_VARIABLES = {
     "POSTGRES_IMAGE",
     "MINIO_IMAGE",
     "MC_IMAGE",
+    "MLFLOW_ADMIN_PASSWORD",
+    "MLFLOW_SECRET_KEY",
 }
 
 PRODUCTION_REQUIRED = {

@@ -473,6 +473,11 @@ def test_hostile_inputs_are_4xx_never_5xx(client: TestClient, services: Services
     response = client.post("/v1/jobs", json=body, headers=ALICE)
     assert response.status_code == 422, response.text
     assert "config.name: not valid text" in response.json()["detail"][0]["msg"]
+    for url in ("/v1/jobs", "/v1/sweeps"):  # not UTF-8 at all (found by the fuzz test)
+        headers = {**ALICE, "Content-Type": "application/json"}
+        response = client.post(url, content=b"\x80", headers=headers)
+        assert response.status_code in (400, 422), response.text  # FastAPI: 400 or json_invalid
+        assert response.json()["detail"]
 
     body = job_body("svc-hostile")
     body["config"]["data"].update(kind="imagefolder", path="a" * 4000)
