@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 HOST = "127.0.0.1"
 # What `stop_group` waits: for the group leader after SIGTERM, for the rest of its tree,
@@ -129,6 +130,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)} | extra
 
 
+def open_private_log(path: Path) -> BinaryIO:
+    """``path`` opened for appending bytes, created readable by its owner only (0600)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+
+
 def spawn(args: list[str], *, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
     """Start ``args`` in a session (and process group) of its own, output appended to ``log``.
 
@@ -136,8 +142,7 @@ def spawn(args: list[str], *, env: dict[str, str], cwd: Path, log: Path) -> subp
     It runs with umask 077: its files are 0600 and its folders 0700 (unless it sets modes
     itself), and so are those of what it spawns.
     """
-    descriptor = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    output = os.fdopen(descriptor, "ab")  # stays open as long as the process writes to it
+    output = open_private_log(log)  # stays open as long as the process writes to it
     return subprocess.Popen(
         args,
         env=env,

@@ -53,6 +53,7 @@ from service.localstack.processes import (
     clean_env,
     free_port,
     is_alive,
+    open_private_log,
     process_state,
     spawn,
     stop_group,
@@ -343,8 +344,7 @@ class LocalStack:
         """Start one component (it must not run) and write its pid file."""
         args, env = self._command(name, info)
         log = self.logs / f"{name}.log"
-        descriptor = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(descriptor, "ab") as handle:
+        with open_private_log(log) as handle:
             handle.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
         process = spawn(args, env=env, cwd=self.state_dir, log=log)
         state = process_state(process.pid)
