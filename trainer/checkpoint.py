@@ -199,6 +199,21 @@ def load_checkpoint_config(directory: Path) -> TrainConfig:
     return validate_config(raw, str(directory / CONFIG_FILE))
 
 
+def config_changes(stored: TrainConfig, new: TrainConfig) -> list[str]:
+    """``field: old -> new`` for every flattened field a resumed run changes.
+
+    A resume restores the weights, optimiser and statistics of ``stored``; a changed
+    field (a longer schedule, another learning rate) then applies from the resumed step
+    on, which the user should be told about rather than find out from the curves.
+    """
+    before, after = stored.flat(), new.flat()
+    return [
+        f"{key}: {before.get(key)} -> {after[key]}"
+        for key in sorted(after)
+        if before.get(key) != after[key]
+    ]
+
+
 def restore_state(state: TrainingState, payload: dict[str, Any]) -> None:
     """Load a payload into a freshly built state (same config), RNG states included."""
     unwrap(state.student).load_state_dict(payload["student"])

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from trainer.checkpoint import (
     checkpoint_due,
     checkpoint_name,
+    config_changes,
     latest_checkpoint,
     load_checkpoint_config,
     load_payload,
@@ -146,10 +147,6 @@ def train_locally(
 
 
 def _warn_config_changes(stored: TrainConfig, new: TrainConfig, console: Console) -> None:
-    before, after = stored.flat(), new.flat()
-    changed = sorted(key for key in after if before.get(key) != after[key])
-    if changed:
-        console.print(
-            "[yellow]resuming with a changed config:[/] "
-            + ", ".join(f"{key}: {before.get(key)} -> {after[key]}" for key in changed)
-        )
+    changes = config_changes(stored, new)
+    if changes:
+        console.print("[yellow]resuming with a changed config:[/] " + ", ".join(changes))

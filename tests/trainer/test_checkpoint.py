@@ -22,6 +22,8 @@ from trainer.checkpoint import (
     CHECKPOINT_FORMAT,
     STATE_FILE,
     CheckpointError,
+    config_changes,
+    load_checkpoint_config,
     load_payload,
     load_rng,
     restore_state,
@@ -164,6 +166,21 @@ def test_old_format_checkpoints_are_refused_clearly(tmp_path: Path, tiny: TrainC
         load_payload(directory)
     with pytest.raises(CheckpointError, match="malformed RNG state"):
         set_rng_state({"torch": torch.get_rng_state(), "cuda": []})
+
+
+def test_a_resumed_run_is_told_which_fields_its_config_changed(
+    tmp_path: Path, tiny: TrainConfig
+) -> None:
+    directory = save_checkpoint(tmp_path / "epoch_0001", build_run(tiny).state, tiny)
+    stored = load_checkpoint_config(directory)
+    assert stored == tiny
+    assert config_changes(stored, tiny) == []
+    longer = tiny.model_copy(
+        update={"schedule": tiny.schedule.model_copy(update={"epochs": tiny.schedule.epochs + 3})}
+    )
+    assert config_changes(stored, longer) == [
+        f"schedule.epochs: {tiny.schedule.epochs} -> {tiny.schedule.epochs + 3}"
+    ]
 
 
 def _torch_load_calls(path: Path) -> list[ast.Call]:

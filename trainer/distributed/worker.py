@@ -10,6 +10,7 @@ worker group resumes from the newest checkpoint (``ray.train.get_checkpoint``).
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from trainer.checkpoint import (
     checkpoint_due,
     checkpoint_name,
+    config_changes,
     load_checkpoint_config,
     load_payload,
     load_rng,
@@ -43,6 +45,8 @@ from trainer.preflight import allowed_roots_from_env, preflight
 from trainer.tracking import MetricLogger, TrackedRun, export_backbone, set_tags
 
 RNG_DIR = "rng"
+
+log = logging.getLogger(__name__)
 
 
 class WorkerSetup(BaseModel):
@@ -132,18 +136,21 @@ class RayHooks:
             )
 
 
-def _resume_payload(rank: int) -> dict[str, Any] | None:
+def _resume_payload(rank: int, config: TrainConfig) -> dict[str, Any] | None:
     """The payload of Ray's latest checkpoint, with this rank's own RNG states.
 
     ``payload["rng"]`` is None for a rank the checkpoint has no RNG file for (it was
     taken with fewer workers): that rank keeps the stream `build_run` seeded for it.
+    Rank 0 logs every field in which ``config`` differs from the checkpoint's own.
     """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
         directory = Path(folder)
-        load_checkpoint_config(directory)  # a checkpoint must still hold a valid config
+        changes = config_changes(load_checkpoint_config(directory), config)
+        if changes and rank == 0:
+            log.warning("resuming with a changed config: %s", ", ".join(changes))
         payload = load_payload(directory)
         own = directory / RNG_DIR / f"rank_{rank}.pt"
         if own.exists():
@@ -180,7 +187,7 @@ def worker_main(
         return ray.train.torch.prepare_model(module, move_to_device=False)
 
     run = build_run(config, rank=rank, world_size=world_size, device=device, wrap_student=wrap)
-    payload = _resume_payload(rank)
+    payload = _resume_payload(rank, config)
     if payload is not None and payload["rng"] is None:
         payload["rng"] = rng_state()  # keep the stream seeded for this rank by build_run
     tracked = setup.tracked_run() if rank == 0 else None
