@@ -17,6 +17,7 @@ from pydantic import Field, TypeAdapter
 from service.store import Job, JobKind
 from service.tracking import Progress, Tracking
 from trainer.config import TrainConfig
+from trainer.init_weights import is_mlflow_uri
 from trainer.mlflow_names import ROLE_TAG, SWEEP_ID_TAG
 from trainer.spec import TrainJobSpec
 from tuning.config import SweepConfig
@@ -54,7 +55,8 @@ class KindInfo:
     """Read how far the job got from its MLflow run id and its config."""
     sampled_paths: Callable[[Any], list[tuple[tuple[str, ...], Path]]] = lambda config: []
     """Paths a job may read besides its base config's, with their request locations
-    (a sweep's ``data.path`` choices): confined at admission like the base's."""
+    (a sweep's ``data.path`` or ``model.init`` choices): confined at admission like
+    the base's."""
 
 
 KINDS: dict[JobKind, KindInfo] = {
@@ -92,8 +94,8 @@ KINDS: dict[JobKind, KindInfo] = {
 }
 
 
-PATH_FIELDS = ("data.path",)
-"""TrainConfig fields that name something on disk."""
+PATH_FIELDS = ("data.path", "model.init")
+"""TrainConfig fields that name something on disk (``model.init`` unless an MLflow URI)."""
 
 
 def sweep_paths(sweep: SweepConfig) -> list[tuple[tuple[str, ...], Path]]:
@@ -102,6 +104,8 @@ def sweep_paths(sweep: SweepConfig) -> list[tuple[tuple[str, ...], Path]]:
     for field, distribution in sweep.space.items():
         if field in PATH_FIELDS:
             for index, value in enumerate(getattr(distribution, "values", ())):
+                if is_mlflow_uri(str(value)):
+                    continue  # read from the tracking server, not from a disk
                 loc = ("body", "config", "space", field, "values", str(index))
                 found.append((loc, Path(str(value))))
     return found

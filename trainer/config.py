@@ -64,6 +64,7 @@ from trainer.bounds import (
     MAX_WEIGHT_DECAY,
     MAX_WORKERS,
 )
+from trainer.init_weights import init_problem
 
 NormalisationMode = Literal["prior", "center", "sinkhorn", "none"]
 StatisticsOrder = Literal["auto", "current", "previous"]
@@ -262,6 +263,13 @@ class ModelConfig(_Section):
         + ". Arguments that name a file or load weights (pretrained, checkpoint_path, "
         "pretrained_cfg, ...) are refused.",
     )
+    init: Annotated[str | None, BoundedPath(MAX_PATH_LENGTH)] = Field(
+        None,
+        description="Start from these backbone weights instead of random ones: a local .pt, "
+        ".pth (a state_dict, loaded weights-only) or .safetensors file, or an MLflow URI: "
+        "runs:/<run id> (a klssl run's exported backbone), models:/<name>@<alias>, "
+        "models:/<name>/<version> or models:/<model id>. Nothing is downloaded from a hub.",
+    )
     head_hidden_dim: int = Field(
         2048, ge=1, le=MAX_HEAD_DIM, description="Hidden width of the head MLP."
     )
@@ -279,6 +287,14 @@ class ModelConfig(_Section):
     @classmethod
     def _allowed_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
         return check_backbone_kwargs(kwargs)
+
+    @field_validator("init")
+    @classmethod
+    def _init_form(cls, init: str | None) -> str | None:
+        problem = None if init is None else init_problem(init)
+        if problem is not None:
+            raise ValueError(problem)
+        return init
 
 
 class ObjectiveConfig(_Section):

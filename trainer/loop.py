@@ -35,7 +35,14 @@ from trainer.evaluation import (
     pixel_features,
     recalibrate_batchnorm,
 )
-from trainer.models import as_network, build_network, build_teacher, synchronise_batchnorm
+from trainer.init_weights import apply_init, load_init_state
+from trainer.models import (
+    as_network,
+    build_backbone,
+    build_network,
+    build_teacher,
+    synchronise_batchnorm,
+)
 from trainer.schedules import Schedules
 from trainer.statistics import ClusterStatistics
 
@@ -89,8 +96,13 @@ def build_run(
     world_size: int = 1,
     device: torch.device | None = None,
     wrap_student: Callable[[nn.Module], nn.Module] = lambda module: module,
+    tracking_uri: str | None = None,
 ) -> Run:
-    """Build data, networks, optimiser and schedules for one worker."""
+    """Build data, networks, optimiser and schedules for one worker.
+
+    ``tracking_uri`` is where a ``model.init`` of ``runs:/`` or ``models:/`` is read from
+    (None: the environment's, as `trainer.tracking.resolve_tracking_uri`).
+    """
     device = device or select_device(config)
     precision = resolve_precision(config.runtime.precision, device)
     # Denormal floats (weights and gradients decaying towards zero) are 10-100x slower on
@@ -104,6 +116,9 @@ def build_run(
     student = build_network(
         config.model, config.objective.num_clusters, config.data.global_crop_size
     ).to(device)
+    if config.model.init is not None:  # before the teacher is built from the student
+        weights = load_init_state(config.model.init, tracking_uri=tracking_uri)
+        apply_init(student.backbone, weights, config.model.init)
     teacher = build_teacher(
         config.model, student, config.objective.num_clusters, config.data.global_crop_size
     )
@@ -164,15 +179,23 @@ def evaluate_baselines(run: Run) -> dict[str, float]:
     before its first step, so exactly the weights training starts from), with its
     BatchNorm statistics recomputed on the training images (`recalibrate_batchnorm`:
     trained networks get theirs from the data, so must the baseline); ``pixels_*``: k-NN
-    on the raw, normalised pixels of the evaluation views.
+    on the raw, normalised pixels of the evaluation views. A run started from
+    ``model.init`` gets a freshly built network as its random init, and ``init_*``: its
+    starting weights as they are.
     """
     if run.state.step != 0:
         raise RuntimeError("baselines are measured before the first step")
-    data, evaluation = run.config.data, run.config.eval
+    config, data, evaluation = run.config, run.config.data, run.config.eval
+    report: dict[str, float] = {}
     with torch.random.fork_rng(devices=[]):  # data loaders draw seeds: keep the stream
-        backbone = copy.deepcopy(as_network(run.state.teacher).backbone)
+        if config.model.init is None:
+            backbone = copy.deepcopy(as_network(run.state.teacher).backbone)
+        else:
+            report |= {f"init_{key}": value for key, value in evaluate(run).items()}
+            torch.manual_seed(config.runtime.seed)
+            backbone = build_backbone(config.model, data.global_crop_size).to(run.device)
         recalibrate_batchnorm(backbone, make_eval_loader(run.splits.train, data), run.device)
-        report = {f"random_init_{key}": value for key, value in evaluate(run, backbone).items()}
+        report |= {f"random_init_{key}": value for key, value in evaluate(run, backbone).items()}
     pixels = knn_report(
         pixel_features(make_eval_loader(run.splits.train, data)),
         pixel_features(make_eval_loader(run.splits.holdout, data)),

@@ -5,9 +5,10 @@ a config without touching a disk or importing torch. Whether the config can run 
 is this module's question, asked at admission on the API and again on every worker
 before it opens anything (the two hosts need not see the same files):
 
-- every path the job reads resolves, symlinks followed, inside an allowed root (when
-  roots are given) and exists; a path outside gets the same message whether or not it
-  exists, so the answer never reveals what is on the host;
+- every path the job reads (``data.path``, a ``model.init`` file) resolves, symlinks
+  followed, inside an allowed root (when roots are given) and exists; a path outside
+  gets the same message whether or not it exists, so the answer never reveals what is
+  on the host;
 - the backbone is a model timm can build (a registry lookup: no download).
 """
 
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trainer.config import ConfigError, TrainConfig
+from trainer.init_weights import is_mlflow_uri
 
 ALLOWED_ROOTS_ENV_VAR = "KLSSL_ALLOWED_DATA_ROOTS"
 """Roots a worker confines data paths to, as the service's setting of the same name
@@ -121,6 +123,17 @@ def preflight(
         else:
             data = config.data.model_copy(update={"path": resolved})
             config = config.model_copy(update={"data": data})
+    init = config.model.init
+    if init is not None and not is_mlflow_uri(init):
+        try:
+            resolved = confined_path(Path(init), allowed_roots)
+            if not resolved.is_file():
+                raise ValueError(f"path {init!r} is not a file")
+        except ValueError as error:
+            problems.append(("model.init", str(error)))
+        else:
+            model = config.model.model_copy(update={"init": str(resolved)})
+            config = config.model_copy(update={"model": model})
     problem = backbone_problem(config.model.backbone)
     if problem is not None:
         problems.append(("model.backbone", problem))

@@ -26,7 +26,10 @@ from torch import nn
 from trainer.config import ModelConfig, TrainConfig
 from trainer.mlflow_names import (
     BACKBONE_ARTIFACT_DIR,
+    BACKBONE_MODEL_NAME,
     BACKBONE_MODEL_URI_TAG,
+    BACKBONE_RECIPE,
+    BACKBONE_WEIGHTS,
     CHECKPOINTS_ARTIFACT,
     CONFIG_ARTIFACT,
     LATEST_CHECKPOINT_TAG,
@@ -37,9 +40,6 @@ if TYPE_CHECKING:  # MLflow loads on first use: only rank 0 of a cluster needs i
     from mlflow.tracking import MlflowClient
 
 TRACKING_URI_ENV_VARS = ("KLSSL_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI")
-BACKBONE_WEIGHTS = "backbone.pt"
-BACKBONE_RECIPE = "timm_recipe.json"
-BACKBONE_MODEL_NAME = "backbone"
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
 # MLflow limits: 500 params / 1000 metrics per batch, 6000 characters per param value.

@@ -118,6 +118,16 @@ def bad_configs(data_root: Path, tmp_path: Path) -> dict[str, tuple[dict[str, An
             "config.data.path",
             "outside the allowed data roots",
         ),
+        "init file outside the roots": (
+            {"model": {"init": str(outside / "backbone.pt")}},
+            "config.model.init",
+            "outside the allowed data roots",
+        ),
+        "init from a hub": (
+            {"model": {"init": "hf-hub:timm/resnet18.a1_in1k"}},
+            "config.model.init",
+            "nothing is downloaded from a hub",
+        ),
         "unknown field": ({"schedule": {"epochz": 3}}, "config.schedule.epochz", "not permitted"),
     }
 
@@ -132,6 +142,8 @@ def bad_configs(data_root: Path, tmp_path: Path) -> dict[str, tuple[dict[str, An
         "path outside the roots",
         "dot-dot escape",
         "symlink escape",
+        "init file outside the roots",
+        "init from a hub",
         "unknown field",
     ],
 )

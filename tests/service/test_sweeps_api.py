@@ -139,6 +139,22 @@ def test_a_swept_path_outside_the_data_roots_is_a_422(
     assert client.get("/v1/sweeps", headers=ALICE).json()["total"] == 0
 
 
+def test_a_swept_init_file_outside_the_data_roots_is_a_422(
+    client: TestClient, data_root: Path
+) -> None:
+    """``model.init`` files are paths too; its MLflow URIs are not."""
+    body = sweep_body("svc-sweep-space-init")
+    body["config"]["space"] = {
+        "model.init": {"type": "choice", "values": ["runs:/abc123", "/etc/start.pt"]}
+    }
+    response = client.post("/v1/sweeps", json=body, headers=ALICE)
+    assert response.status_code == 422, response.text
+    (problem,) = response.json()["detail"]
+    assert problem["loc"] == ["body", "config", "space", "model.init", "values", "1"]
+    assert "outside the allowed data roots" in problem["msg"]
+    assert client.get("/v1/sweeps", headers=ALICE).json()["total"] == 0
+
+
 def trial_run(
     services: Services, sweep: dict[str, Any], trial_id: str, owner: str, **tags: str
 ) -> Any:

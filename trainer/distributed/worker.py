@@ -186,7 +186,14 @@ def worker_main(
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(module, move_to_device=False)
 
-    run = build_run(config, rank=rank, world_size=world_size, device=device, wrap_student=wrap)
+    run = build_run(
+        config,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        wrap_student=wrap,
+        tracking_uri=setup.tracking_uri,
+    )
     payload = _resume_payload(rank, config)
     if payload is not None and payload["rng"] is None:
         payload["rng"] = rng_state()  # keep the stream seeded for this rank by build_run
