@@ -94,7 +94,7 @@ KINDS: dict[JobKind, KindInfo] = {
 }
 
 
-PATH_FIELDS = ("data.path", "model.init")
+PATH_FIELDS = ("data.path", "eval.data.path", "model.init")
 """TrainConfig fields that name something on disk (``model.init`` unless an MLflow URI)."""
 
 

@@ -63,3 +63,5 @@ MAX_PATH_LENGTH = 4096
 """Characters of a path (Linux's PATH_MAX)."""
 MAX_PATH_COMPONENT_BYTES = 255
 """UTF-8 bytes of one component of a path (Linux's NAME_MAX)."""
+MAX_PATTERN_LENGTH = 256
+"""Characters of a ``data.pattern`` glob."""

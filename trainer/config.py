@@ -54,6 +54,7 @@ from trainer.bounds import (
     MAX_NAME_LENGTH,
     MAX_PATH_COMPONENT_BYTES,
     MAX_PATH_LENGTH,
+    MAX_PATTERN_LENGTH,
     MAX_SAMPLES,
     MAX_SEED,
     MAX_SINKHORN_ITERS,
@@ -68,7 +69,9 @@ from trainer.init_weights import init_problem
 
 NormalisationMode = Literal["prior", "center", "sinkhorn", "none"]
 StatisticsOrder = Literal["auto", "current", "previous"]
-DatasetKind = Literal["digits", "synthetic", "imagefolder", "cifar10"]
+DatasetKind = Literal["digits", "synthetic", "imagefolder", "cifar10", "files"]
+PATH_KINDS = ("imagefolder", "cifar10", "files")
+"""Dataset kinds read from ``data.path``."""
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
@@ -137,15 +140,30 @@ class _Section(BaseModel):
     )
 
 
-class DataConfig(_Section):
-    """Which images, how they are cropped into views, and how they are batched."""
+class DataSource(_Section):
+    """Which images: a dataset kind, where it is, how much of it, which part is held out."""
 
     kind: DatasetKind = Field("digits", description="Built-in dataset kind.")
     path: Annotated[Path | None, BoundedPath(MAX_PATH_LENGTH)] = Field(
         None,
-        description="Root of the data: a folder per class (imagefolder) or the folder "
-        "holding the CIFAR-10 binary batches (cifar10). Unused by digits and synthetic. "
-        f"Every component at most {MAX_PATH_COMPONENT_BYTES} bytes.",
+        description="Root of the data: a folder per class (imagefolder), the folder "
+        "holding the CIFAR-10 binary batches (cifar10), or for files a folder searched "
+        "recursively or a manifest (.txt: a path per line; .csv: a path column, label "
+        "optional) whose paths are relative to it and stay inside its folder. Unused by "
+        f"digits and synthetic. Every component at most {MAX_PATH_COMPONENT_BYTES} bytes.",
+    )
+    pattern: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PATTERN_LENGTH,
+        description="files from a folder: a glob relative to data.path (e.g. '**/*.png'); "
+        "default: every image file (.jpg .jpeg .png .gif .webp) at any depth.",
+    )
+    max_unreadable_fraction: Fraction = Field(
+        0.01,
+        description="Images that cannot be decoded are logged with their path, counted and "
+        "replaced by the next readable one, up to this fraction of the set; one more fails "
+        "the run.",
     )
     max_samples: int | None = Field(
         None,
@@ -167,6 +185,26 @@ class DataConfig(_Section):
     synthetic_image_size: int = Field(
         32, ge=8, le=MAX_SYNTHETIC_IMAGE_SIZE, description="Side of synthetic images."
     )
+
+    @model_validator(mode="after")
+    def _path_matches_kind(self) -> Self:
+        if self.kind in PATH_KINDS and self.path is None:
+            raise ValueError(f"data.path is required for dataset kind {self.kind!r}")
+        if self.pattern is not None and self.kind != "files":
+            raise ValueError(f"data.pattern is only read by kind 'files', not {self.kind!r}")
+        return self
+
+    @field_validator("pattern")
+    @classmethod
+    def _relative_pattern(cls, pattern: str | None) -> str | None:
+        if pattern is not None and (pattern.startswith("/") or ".." in pattern.split("/")):
+            raise ValueError(f"pattern {pattern!r} must stay inside data.path (no /, no ..)")
+        return pattern
+
+
+class DataConfig(DataSource):
+    """Which images, how they are cropped into views, and how they are batched."""
+
     global_crop_size: int = Field(
         32, ge=4, le=MAX_IMAGE_SIZE, description="Side of the global (teacher) views."
     )
@@ -214,12 +252,6 @@ class DataConfig(_Section):
                 f"({global_size} px): local views are the small ones"
             )
         return size
-
-    @model_validator(mode="after")
-    def _path_matches_kind(self) -> Self:
-        if self.kind in ("imagefolder", "cifar10") and self.path is None:
-            raise ValueError(f"data.path is required for dataset kind {self.kind!r}")
-        return self
 
     @property
     def blur_enabled(self) -> bool:
@@ -376,6 +408,13 @@ class ScheduleConfig(_Section):
 class EvalConfig(_Section):
     """Label-based evaluation on the held-out split (when the data has labels)."""
 
+    data: DataSource | None = Field(
+        None,
+        description="A labelled set to evaluate on instead of the training data's held-out "
+        "split (for unlabelled training data): the same fields as data's source (kind, "
+        "path, pattern, ...); its holdout_fraction gives the queries, the rest is the k-NN "
+        "bank and the probe's training set; views use data.global_crop_size.",
+    )
     knn_k: list[Annotated[int, Field(ge=1, le=MAX_KNN_K)]] = Field(
         default_factory=lambda: [20, 200],
         min_length=1,

@@ -20,6 +20,7 @@ one deterministic view per image (`trainer.augment.eval_transform`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +34,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image
 
 from trainer.augment import MultiCropAugmentation, eval_transform
-from trainer.config import DataConfig, DatasetKind
+from trainer.config import DataConfig, DatasetKind, DataSource
+from trainer.manifests import IMAGE_EXTENSIONS, find_image_files, is_image
 
 Item = tuple[Tensor, int]
-"""One image, uint8 (3, H, W), and its class index."""
+"""One image, uint8 (3, H, W), and its class index (`UNLABELLED` when it has none)."""
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
-"""File types an imagefolder may hold (what ``decode_image`` reads), case-insensitive."""
+log = logging.getLogger(__name__)
+
 SPLIT_FOLDERS = frozenset({"train", "val", "valid", "validation", "test"})
 """Subfolders that mark a root holding splits rather than classes (``train`` is used)."""
 CIFAR10_CLASSES = (
@@ -100,33 +102,75 @@ class TensorImages(Dataset[Item]):
         return TensorImages(self.images[index].contiguous(), self.labels[index], self.ids[index])
 
 
-class ImageFiles(Dataset[Item]):
-    """Image files decoded on access to uint8 RGB (3, H, W) tensors."""
+class UnreadableImagesError(ValueError):
+    """More images cannot be decoded than ``data.max_unreadable_fraction`` allows."""
 
-    def __init__(self, files: Sequence[Path], labels: Sequence[int]) -> None:
+
+class ImageFiles(Dataset[Item]):
+    """Image files decoded on access to uint8 RGB (3, H, W) tensors.
+
+    A file that cannot be decoded is logged with its path, flagged in ``unreadable`` and
+    replaced by the next readable file (its image and its label), so batches stay full
+    and every label stays true. The flags live in shared memory, one per file: loader
+    worker processes and later epochs count each file once. When more than
+    ``max_unreadable_fraction`` of the files are flagged, the access that finds one
+    more raises `UnreadableImagesError`: nothing is dropped silently.
+    """
+
+    def __init__(
+        self, files: Sequence[Path], labels: Sequence[int], max_unreadable_fraction: float = 0.0
+    ) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
         self.files = list(files)
         self.labels = list(labels)
+        self.max_unreadable_fraction = max_unreadable_fraction
+        self.unreadable = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> Item:
+        for offset in range(len(self.files)):
+            candidate = (index + offset) % len(self.files)
+            if not self.unreadable[candidate]:
+                image = self._decode(candidate)
+                if image is not None:
+                    return image, self.labels[candidate]
+        raise UnreadableImagesError(f"none of the {len(self.files)} images can be decoded")
+
+    @property
+    def unreadable_count(self) -> int:
+        """Files found unreadable so far (by any loader worker)."""
+        return int(self.unreadable.sum())
+
+    def _decode(self, index: int) -> Tensor | None:
         path = self.files[index]
         try:
             # mode=RGB converts grey, palette and alpha images to three channels.
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError) as error:
-            raise ValueError(f"cannot decode image {path}: {error}") from error
-        return image, self.labels[index]
+            return decode_image(str(path), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError, OSError) as error:
+            self.unreadable[index] = True
+            count, total = self.unreadable_count, len(self.files)
+            log.warning("unreadable image %s (%s): replaced, %d of %d", path, error, count, total)
+            if count > self.max_unreadable_fraction * total:
+                raise UnreadableImagesError(
+                    f"{count} of {total} images cannot be decoded, more than "
+                    f"data.max_unreadable_fraction ({self.max_unreadable_fraction:g}) allows; "
+                    f"the latest: {path}: {error}"
+                ) from error
+            return None
 
     def subset(self, indices: Sequence[int]) -> ImageFiles:
-        """The files at ``indices``, in that order."""
-        return ImageFiles([self.files[i] for i in indices], [self.labels[i] for i in indices])
+        """The files at ``indices``, in that order (with flags of their own)."""
+        return ImageFiles(
+            [self.files[i] for i in indices],
+            [self.labels[i] for i in indices],
+            self.max_unreadable_fraction,
+        )
 
 
-def build_splits(config: DataConfig, seed: int) -> DataSplits:
+def build_splits(config: DataSource, seed: int) -> DataSplits:
     """Load the dataset of ``config.kind`` and split it into train and held-out images.
 
     Args:
@@ -141,11 +185,12 @@ def build_splits(config: DataConfig, seed: int) -> DataSplits:
         ValueError: an unknown kind, or a path without usable data (the message names
             the path and what is wrong).
     """
-    builders: dict[DatasetKind, Callable[[DataConfig, int], DataSplits]] = {
+    builders: dict[DatasetKind, Callable[[DataSource, int], DataSplits]] = {
         "digits": _digits,
         "synthetic": _synthetic,
         "imagefolder": _imagefolder,
         "cifar10": _cifar10,
+        "files": _files,
     }
     builder = builders.get(config.kind)
     if builder is None:
@@ -153,7 +198,7 @@ def build_splits(config: DataConfig, seed: int) -> DataSplits:
     return builder(config, seed)
 
 
-def _required_path(config: DataConfig) -> Path:
+def _required_path(config: DataSource) -> Path:
     if config.path is None:
         raise ValueError(f"data.path is required for dataset kind {config.kind!r}")
     return Path(config.path).expanduser()
@@ -162,7 +207,7 @@ def _required_path(config: DataConfig) -> Path:
 # --- in-memory kinds ----------------------------------------------------------------------
 
 
-def _digits(config: DataConfig, seed: int) -> DataSplits:
+def _digits(config: DataSource, seed: int) -> DataSplits:
     from sklearn.datasets import load_digits  # shipped with scikit-learn, no download
 
     digits = load_digits()
@@ -174,7 +219,7 @@ def _digits(config: DataConfig, seed: int) -> DataSplits:
     return _split_in_memory(TensorImages(images, labels), names, config, seed)
 
 
-def _synthetic(config: DataConfig, seed: int) -> DataSplits:
+def _synthetic(config: DataSource, seed: int) -> DataSplits:
     images, labels = make_synthetic(
         config.synthetic_classes, config.synthetic_samples, config.synthetic_image_size, seed
     )
@@ -226,7 +271,7 @@ def make_synthetic(
 
 
 def _split_in_memory(
-    dataset: TensorImages, names: list[str], config: DataConfig, seed: int
+    dataset: TensorImages, names: list[str], config: DataSource, seed: int
 ) -> DataSplits:
     # A seeded order within each class, so the held-out images are a random sample.
     generator = torch.Generator().manual_seed(seed)
@@ -241,7 +286,7 @@ def _split_in_memory(
 # --- imagefolder --------------------------------------------------------------------------
 
 
-def _imagefolder(config: DataConfig, seed: int) -> DataSplits:
+def _imagefolder(config: DataSource, seed: int) -> DataSplits:
     del seed  # the split follows the sorted file order, as documented
     root = find_class_root(_required_path(config))
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -249,11 +294,7 @@ def _imagefolder(config: DataConfig, seed: int) -> DataSplits:
     labels: list[int] = []
     empty = []
     for label, class_dir in enumerate(class_dirs):
-        images = sorted(
-            p
-            for p in class_dir.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
-        )
+        images = sorted(p for p in class_dir.rglob("*") if is_image(p) and p.is_file())
         if not images:
             empty.append(class_dir.name)
         files += images
@@ -268,12 +309,35 @@ def _imagefolder(config: DataConfig, seed: int) -> DataSplits:
         raise ValueError(f"imagefolder {root}: class folder(s) without images: {', '.join(empty)}")
     train, holdout = _per_class_split(labels, list(range(len(files))), config.holdout_fraction)
     train = _cap(train, [labels[i] for i in train], config.max_samples)
-    dataset = ImageFiles(files, labels)
+    dataset = ImageFiles(files, labels, config.max_unreadable_fraction)
     names = [p.name for p in class_dirs]
     return DataSplits(dataset.subset(train), dataset.subset(holdout), len(names), names)
 
 
-def check_confined(root: Path, entries: list[Path]) -> None:
+# --- files --------------------------------------------------------------------------------
+
+
+def _files(config: DataSource, seed: int) -> DataSplits:
+    """Images anywhere under a folder (or a glob), or listed in a manifest.
+
+    Without labels everything is trained on and nothing is held out (evaluation needs
+    ``eval.data``); with a manifest's labels the split is per class, as for imagefolder.
+    """
+    del seed  # the split follows the sorted (or listed) order
+    found = find_image_files(_required_path(config), config.pattern)
+    check_confined(found.root, found.files, what="files")
+    dataset = ImageFiles(found.files, found.labels, config.max_unreadable_fraction)
+    if not found.class_names:
+        train = _cap(list(range(len(dataset))), found.labels, config.max_samples)
+        return DataSplits(dataset.subset(train), dataset.subset([]), 0, [])
+    order = list(range(len(dataset)))
+    train, holdout = _per_class_split(found.labels, order, config.holdout_fraction)
+    train = _cap(train, [found.labels[i] for i in train], config.max_samples)
+    names = found.class_names
+    return DataSplits(dataset.subset(train), dataset.subset(holdout), len(names), names)
+
+
+def check_confined(root: Path, entries: list[Path], what: str = "imagefolder") -> None:
     """Refuse entries (class folders, images) that resolve outside ``root``.
 
     The data path itself was confined by `trainer.preflight`; a symlink inside it must
@@ -285,10 +349,13 @@ def check_confined(root: Path, entries: list[Path]) -> None:
     inside = root.resolve()
     escaping = [entry for entry in entries if not entry.resolve().is_relative_to(inside)]
     if escaping:
-        shown = ", ".join(str(entry.relative_to(root)) for entry in escaping[:5])
+        shown = ", ".join(
+            str(entry.relative_to(root)) if entry.is_relative_to(root) else str(entry)
+            for entry in escaping[:5]
+        )
         raise ValueError(
-            f"imagefolder {root}: {len(escaping)} entries are symlinks that resolve outside "
-            f"the data folder ({shown}); copy the data in or point data.path at it"
+            f"{what} {root}: {len(escaping)} entries resolve outside the data folder "
+            f"({shown}); copy the data in or point data.path at it"
         )
 
 
@@ -320,7 +387,7 @@ def find_class_root(path: Path) -> Path:
 # --- cifar10 ------------------------------------------------------------------------------
 
 
-def _cifar10(config: DataConfig, seed: int) -> DataSplits:
+def _cifar10(config: DataSource, seed: int) -> DataSplits:
     folder = find_cifar10_folder(_required_path(config))
     train_images, train_labels = read_cifar10_batches(
         [folder / name for name in CIFAR10_TRAIN_FILES]

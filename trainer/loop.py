@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from trainer.checkpoint import restore_state
 from trainer.config import Precision, TrainConfig
-from trainer.data import DataSplits, build_splits, make_eval_loader, make_train_loader
+from trainer.data import DataSplits, ImageFiles, build_splits, make_eval_loader, make_train_loader
 from trainer.engine import (
     TrainingState,
     build_optimizer,
@@ -64,6 +64,9 @@ class Run:
     config: TrainConfig
     state: TrainingState
     splits: DataSplits
+    evaluation: DataSplits | None
+    """Labelled images to evaluate on: ``eval.data``'s splits, else the training data's
+    own when it has labels; None for unlabelled data without ``eval.data``."""
     train_loader: DataLoader[Any]
     schedules: Schedules
     device: torch.device
@@ -110,6 +113,10 @@ def build_run(
     torch.set_flush_denormal(True)
     seed_everything(config.runtime.seed)
     splits = build_splits(config.data, seed=config.runtime.seed)
+    if config.eval.data is not None:
+        evaluation: DataSplits | None = build_splits(config.eval.data, seed=config.runtime.seed)
+    else:
+        evaluation = splits if splits.num_classes > 0 else None
     loader = make_train_loader(
         splits.train, config.data, seed=config.runtime.seed, rank=rank, world_size=world_size
     )
@@ -139,7 +146,9 @@ def build_run(
     schedules = Schedules(
         config, steps_per_epoch=len(loader), global_batch=config.data.batch_size * world_size
     )
-    return Run(config, state, splits, loader, schedules, device, precision, rank, world_size)
+    return Run(
+        config, state, splits, evaluation, loader, schedules, device, precision, rank, world_size
+    )
 
 
 def evaluate(run: Run, backbone: nn.Module | None = None) -> dict[str, float]:
@@ -153,10 +162,23 @@ def evaluate(run: Run, backbone: nn.Module | None = None) -> dict[str, float]:
         backbone: what to evaluate (default: the teacher's backbone, which DINO ships).
     """
     backbone = backbone or as_network(run.state.teacher).backbone
-    data = run.config.data
-    bank = extract_features(backbone, make_eval_loader(run.splits.train, data), run.device)
-    queries = extract_features(backbone, make_eval_loader(run.splits.holdout, data), run.device)
+    splits, data = labelled(run), run.config.data
+    bank = extract_features(backbone, make_eval_loader(splits.train, data), run.device)
+    queries = extract_features(backbone, make_eval_loader(splits.holdout, data), run.device)
     return score_features(run, bank, queries)
+
+
+def labelled(run: Run) -> DataSplits:
+    """The run's labelled evaluation splits.
+
+    Raises:
+        ValueError: the training data has no labels and no ``eval.data`` is given.
+    """
+    if run.evaluation is None:
+        raise ValueError(
+            "the training data has no labels: give eval.data (a labelled set) to evaluate"
+        )
+    return run.evaluation
 
 
 def score_features(
@@ -165,9 +187,9 @@ def score_features(
     """The k-NN report of features, plus ``linear_top1`` when the config asks for it."""
     evaluation = run.config.eval
     report = knn_report(
-        bank, queries, evaluation.knn_k, evaluation.knn_temperature, run.splits.num_classes
+        bank, queries, evaluation.knn_k, evaluation.knn_temperature, labelled(run).num_classes
     )
-    if evaluation.linear_probe and run.splits.num_classes >= 2:
+    if evaluation.linear_probe and labelled(run).num_classes >= 2:
         report["linear_top1"] = linear_probe_top1(bank, queries)
     return report
 
@@ -186,6 +208,7 @@ def evaluate_baselines(run: Run) -> dict[str, float]:
     if run.state.step != 0:
         raise RuntimeError("baselines are measured before the first step")
     config, data, evaluation = run.config, run.config.data, run.config.eval
+    splits = labelled(run)
     report: dict[str, float] = {}
     with torch.random.fork_rng(devices=[]):  # data loaders draw seeds: keep the stream
         if config.model.init is None:
@@ -194,14 +217,14 @@ def evaluate_baselines(run: Run) -> dict[str, float]:
             report |= {f"init_{key}": value for key, value in evaluate(run).items()}
             torch.manual_seed(config.runtime.seed)
             backbone = build_backbone(config.model, data.global_crop_size).to(run.device)
-        recalibrate_batchnorm(backbone, make_eval_loader(run.splits.train, data), run.device)
+        recalibrate_batchnorm(backbone, make_eval_loader(splits.train, data), run.device)
         report |= {f"random_init_{key}": value for key, value in evaluate(run, backbone).items()}
     pixels = knn_report(
-        pixel_features(make_eval_loader(run.splits.train, data)),
-        pixel_features(make_eval_loader(run.splits.holdout, data)),
+        pixel_features(make_eval_loader(splits.train, data)),
+        pixel_features(make_eval_loader(splits.holdout, data)),
         evaluation.knn_k,
         evaluation.knn_temperature,
-        run.splits.num_classes,
+        splits.num_classes,
     )
     return report | {f"pixels_{key}": value for key, value in pixels.items()}
 
@@ -228,6 +251,8 @@ def run_training(
         The metrics of the last epoch, with k-NN accuracy when evaluated.
     """
     config = run.config
+    # Unlabelled data without eval.data: the label-free diagnostics are the whole report.
+    evaluates = evaluates and run.evaluation is not None
     # Measured on the freshly built (random-init) network, before a resume replaces it.
     baselines = evaluate_baselines(run) if evaluates and config.eval.baselines else {}
     if resume is not None:
@@ -251,6 +276,8 @@ def run_training(
         every = config.eval.every_epochs
         if evaluates and (last_epoch or (every > 0 and (epoch + 1) % every == 0)):
             metrics |= evaluate(run) | baselines
+        if isinstance(run.splits.train, ImageFiles):  # replaced, never silently dropped
+            metrics["unreadable_images"] = float(run.splits.train.unreadable_count)
         hooks.on_epoch_end(run.state, metrics)
     return metrics
 

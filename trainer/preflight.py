@@ -5,10 +5,10 @@ a config without touching a disk or importing torch. Whether the config can run 
 is this module's question, asked at admission on the API and again on every worker
 before it opens anything (the two hosts need not see the same files):
 
-- every path the job reads (``data.path``, a ``model.init`` file) resolves, symlinks
-  followed, inside an allowed root (when roots are given) and exists; a path outside
-  gets the same message whether or not it exists, so the answer never reveals what is
-  on the host;
+- every path the job reads (``data.path``, ``eval.data.path``, a ``model.init`` file)
+  resolves, symlinks followed, inside an allowed root (when roots are given) and
+  exists; a path outside gets the same message whether or not it exists, so the answer
+  never reveals what is on the host;
 - the backbone is a model timm can build (a registry lookup: no download).
 """
 
@@ -123,6 +123,17 @@ def preflight(
         else:
             data = config.data.model_copy(update={"path": resolved})
             config = config.model_copy(update={"data": data})
+    labelled = config.eval.data
+    if labelled is not None and labelled.path is not None:
+        try:
+            resolved = confined_path(labelled.path, allowed_roots)
+        except ValueError as error:
+            problems.append(("eval.data.path", str(error)))
+        else:
+            evaluation = config.eval.model_copy(
+                update={"data": labelled.model_copy(update={"path": resolved})}
+            )
+            config = config.model_copy(update={"eval": evaluation})
     init = config.model.init
     if init is not None and not is_mlflow_uri(init):
         try:

@@ -118,6 +118,11 @@ def bad_configs(data_root: Path, tmp_path: Path) -> dict[str, tuple[dict[str, An
             "config.data.path",
             "outside the allowed data roots",
         ),
+        "evaluation set outside the roots": (
+            {"eval": {"data": {"kind": "imagefolder", "path": str(outside)}}},
+            "config.eval.data.path",
+            "outside the allowed data roots",
+        ),
         "init file outside the roots": (
             {"model": {"init": str(outside / "backbone.pt")}},
             "config.model.init",
@@ -142,6 +147,7 @@ def bad_configs(data_root: Path, tmp_path: Path) -> dict[str, tuple[dict[str, An
         "path outside the roots",
         "dot-dot escape",
         "symlink escape",
+        "evaluation set outside the roots",
         "init file outside the roots",
         "init from a hub",
         "unknown field",
