@@ -19,6 +19,7 @@ function here stays a pure function of its inputs and runs in one CPU process.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -129,31 +130,72 @@ def cross_view_loss(student_logits: Tensor, targets: Tensor, *, student_temp: fl
     view i and student view i are the same crop and that pair is skipped. Instead of
     looping over V_t * V_s pairs, the sum over pairs factorises:
     sum_{i != j} <q_i, log p_j> = <sum_i q_i, sum_j log p_j> - sum_i <q_i, log p_i>,
-    which costs O((V_t + V_s) B K) instead of O(V_t V_s B K).
+    which costs O((V_t + V_s) B K) instead of O(V_t V_s B K). The gradient is computed in
+    closed form (`_CrossViewLoss`), without autograd's intermediate tensors.
 
     Args:
         student_logits: (V_s, B, K) student logits.
-        targets: (V_t, B, K) teacher target probabilities, V_t <= V_s.
+        targets: (V_t, B, K) teacher target probabilities, V_t <= V_s; constants (the
+            teacher gets no gradient).
         student_temp: tau_s > 0.
 
     Returns:
         Scalar loss, averaged over the batch and the V_t * V_s - V_t pairs.
     """
-    student_views, batch, _ = student_logits.shape
+    student_views, _, _ = student_logits.shape
     teacher_views = targets.shape[0]
     if targets.shape[1:] != student_logits.shape[1:] or teacher_views > student_views:
         raise ValueError(
             f"targets {tuple(targets.shape)} must be (V_t, B, K) with V_t <= V_s for student "
             f"logits {tuple(student_logits.shape)}"
         )
-    pairs = teacher_views * student_views - teacher_views
-    if pairs == 0:
+    if teacher_views * student_views - teacher_views == 0:
         raise ValueError("cross_view_loss needs at least one pair of different views")
-    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    targets = targets.float()
-    all_pairs = (targets.sum(dim=0) * log_p.sum(dim=0)).sum()
-    same_view = (targets * log_p[:teacher_views]).sum()
-    return -(all_pairs - same_view) / (pairs * batch)
+    if targets.requires_grad:
+        raise ValueError("targets must be constants (detach the teacher's side)")
+    loss: Tensor = _CrossViewLoss.apply(student_logits, targets, student_temp)
+    return loss
+
+
+class _CrossViewLoss(torch.autograd.Function):
+    """`cross_view_loss` with its closed-form gradient.
+
+    With w_j = sum_{i != j} q_i (the targets student view j is trained on), the loss is
+    L = -sum_j <w_j, log p_j> / (pairs B), and its gradient with respect to the student
+    logits s_j is (p_j * sum_k w_jk - w_j) / (tau_s pairs B). Autograd would keep the
+    scaled logits and log p, and run log-softmax's backward and the broadcast sums'; here
+    the forward keeps only log p, and the backward turns p = exp(log p) into the gradient
+    in place: one tensor of the logits' size.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student_logits: Tensor, targets: Tensor, student_temp: float) -> Tensor:
+        teacher_views, batch = targets.shape[0], targets.shape[1]
+        pairs = teacher_views * student_logits.shape[0] - teacher_views
+        # At least float32 (bf16 logits under autocast), float64 stays float64.
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)
+        log_p = F.log_softmax(student_logits.to(dtype) / student_temp, dim=-1)
+        targets = targets.to(dtype)
+        summed = targets.sum(dim=0)
+        all_pairs = (summed * log_p.sum(dim=0)).sum()
+        same_view = (targets * log_p[:teacher_views]).sum()
+        scale = 1.0 / (pairs * batch)
+        ctx.save_for_backward(log_p, targets, summed)
+        ctx.scale, ctx.student_temp, ctx.dtype = scale, student_temp, student_logits.dtype
+        return -(all_pairs - same_view) * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        log_p, targets, summed = ctx.saved_tensors
+        teacher_views = targets.shape[0]
+        mass = summed.sum(dim=-1, keepdim=True)  # sum_k w_jk for the local views
+        grad = torch.exp(log_p)  # p_j, a tensor of its own: log_p stays as saved
+        grad[:teacher_views] *= mass - targets.sum(dim=-1, keepdim=True)
+        grad[teacher_views:] *= mass
+        grad -= summed
+        grad[:teacher_views] += targets
+        grad *= grad_output * (ctx.scale / ctx.student_temp)
+        return grad.to(ctx.dtype), None, None
 
 
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
