@@ -122,35 +122,26 @@ def test_a_sweep_path_outside_the_data_roots_is_a_422(client: TestClient, tmp_pa
     assert response.json()["detail"][0]["loc"] == ["body", "config", "base", "data", "path"]
 
 
+@pytest.mark.parametrize(
+    ("field", "inside"),
+    [
+        ("data.path", "images"),  # finding 3: only the base's path was checked
+        ("model.init", "runs:/abc123"),  # init files are paths too; MLflow URIs are not
+    ],
+)
 def test_a_swept_path_outside_the_data_roots_is_a_422(
-    client: TestClient, services: Services, data_root: Path, tmp_path: Path
+    field: str, inside: str, client: TestClient, data_root: Path
 ) -> None:
-    """Finding 3: only the base's path was checked; a space's choices reached the trials."""
-    body = sweep_body("svc-sweep-space-path")
-    body["config"]["base"]["data"].update(kind="imagefolder", path=str(data_root / "images"))
-    body["config"]["space"] = {
-        "data.path": {"type": "choice", "values": [str(data_root / "images"), "/etc"]}
-    }
+    """A space's choices reach the trials: each is confined like the base's path."""
+    body = sweep_body(f"svc-sweep-space-{field}")
+    if field == "data.path":
+        inside = str(data_root / inside)
+        body["config"]["base"]["data"].update(kind="imagefolder", path=inside)
+    body["config"]["space"] = {field: {"type": "choice", "values": [inside, "/etc/x.pt"]}}
     response = client.post("/v1/sweeps", json=body, headers=ALICE)
     assert response.status_code == 422, response.text
     (problem,) = response.json()["detail"]
-    assert problem["loc"] == ["body", "config", "space", "data.path", "values", "1"]
-    assert "outside the allowed data roots" in problem["msg"]
-    assert client.get("/v1/sweeps", headers=ALICE).json()["total"] == 0
-
-
-def test_a_swept_init_file_outside_the_data_roots_is_a_422(
-    client: TestClient, data_root: Path
-) -> None:
-    """``model.init`` files are paths too; its MLflow URIs are not."""
-    body = sweep_body("svc-sweep-space-init")
-    body["config"]["space"] = {
-        "model.init": {"type": "choice", "values": ["runs:/abc123", "/etc/start.pt"]}
-    }
-    response = client.post("/v1/sweeps", json=body, headers=ALICE)
-    assert response.status_code == 422, response.text
-    (problem,) = response.json()["detail"]
-    assert problem["loc"] == ["body", "config", "space", "model.init", "values", "1"]
+    assert problem["loc"] == ["body", "config", "space", field, "values", "1"]
     assert "outside the allowed data roots" in problem["msg"]
     assert client.get("/v1/sweeps", headers=ALICE).json()["total"] == 0
 
