@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,3 +40,17 @@ def tiny_config(name: str = "klssl-test", **sections: dict[str, Any]) -> TrainCo
     for section, fields in sections.items():
         raw.setdefault(section, {}).update(fields)
     return validate_config(raw)
+
+
+def save_image(image: torch.Tensor, path: Path) -> None:
+    """Write a uint8 (C, H, W) tensor (C = 1, 3 or 4) as an image file, by its suffix."""
+    from PIL import Image
+
+    pixels = image.permute(1, 2, 0).numpy()
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[pixels.shape[-1]]
+    picture = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".jpg", ".jpeg"):
+        picture.save(path, quality=95)
+    else:
+        picture.save(path)

@@ -6,7 +6,7 @@ Four built-in kinds (docs/design.md section 3.1), none of which downloads anythi
   the crops upscale).
 - ``synthetic``: generated images with a known cluster structure (`make_synthetic`).
 - ``imagefolder``: a folder per class (``root/<class>/<image>``, or
-  ``root/train/<class>/<image>``), decoded lazily with ``torchvision.io.decode_image``.
+  ``root/train/<class>/<image>``), decoded lazily with Pillow.
 - ``cifar10``: the CIFAR-10 binary release (``data_batch_{1..5}.bin``, optional
   ``test_batch.bin``).
 
@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.io import ImageReadMode, decode_image
 
 from trainer.augment import MultiCropAugmentation, eval_transform
 from trainer.config import DataConfig, DatasetKind, DataSource
@@ -102,6 +102,22 @@ class TensorImages(Dataset[Item]):
         return TensorImages(self.images[index].contiguous(), self.labels[index], self.ids[index])
 
 
+def decode_rgb(path: Path) -> Tensor:
+    """The image file at ``path`` as a uint8 RGB (3, H, W) tensor.
+
+    Pillow decodes (torchvision's decoders are deprecated); ``convert("RGB")`` turns grey,
+    palette and alpha images into three channels. An image over Pillow's pixel limit
+    (a decompression bomb) raises rather than exhausting memory.
+
+    Raises:
+        OSError, ValueError, PIL.Image.DecompressionBombError: the file is not an image
+            Pillow can decode.
+    """
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+
 class UnreadableImagesError(ValueError):
     """More images cannot be decoded than ``data.max_unreadable_fraction`` allows."""
 
@@ -147,9 +163,8 @@ class ImageFiles(Dataset[Item]):
     def _decode(self, index: int) -> Tensor | None:
         path = self.files[index]
         try:
-            # mode=RGB converts grey, palette and alpha images to three channels.
-            return decode_image(str(path), mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError, OSError) as error:
+            return decode_rgb(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
             self.unreadable[index] = True
             count, total = self.unreadable_count, len(self.files)
             log.warning("unreadable image %s (%s): replaced, %d of %d", path, error, count, total)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
-"""File types read as images (what ``torchvision.io.decode_image`` decodes)."""
+"""File types read as images (decoded by Pillow, `trainer.data.decode_rgb`)."""
 MANIFEST_SUFFIXES = (".txt", ".csv")
 UNLABELLED = -1
 """The label of an image without one."""

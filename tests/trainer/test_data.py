@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
-from torchvision.io import write_png
 
+from tests.factories import save_image
 from trainer.config import DataConfig
 from trainer.data import (
     CIFAR10_CLASSES,
@@ -141,11 +140,7 @@ def write_imagefolder(root: Path, counts: dict[str, int]) -> None:
             image = torch.randint(
                 0, 256, (channels, height, width), dtype=torch.uint8, generator=generator
             )
-            path = root / name / f"{i:04d}.png"
-            if channels == 4:  # torchvision's encoder writes only grey and RGB
-                Image.fromarray(image.permute(1, 2, 0).numpy(), "RGBA").save(path)
-            else:
-                write_png(image, str(path))
+            save_image(image, root / name / f"{i:04d}.png")
 
 
 def test_imagefolder(tmp_path: Path) -> None:
@@ -269,7 +264,7 @@ def test_imagefolder_errors_name_the_path(
         if name.endswith("/"):
             path.mkdir(exist_ok=True)
         elif content == "png":
-            write_png(torch.zeros(3, 4, 4, dtype=torch.uint8), str(path))
+            save_image(torch.zeros(3, 4, 4, dtype=torch.uint8), path)
         else:
             path.write_text("text")
     with pytest.raises(ValueError, match=message) as error:

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from torchvision.io import encode_jpeg, write_png
 
-from tests.factories import tiny_config
+from tests.factories import save_image, tiny_config
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import ImageFiles, UnreadableImagesError, build_splits
 from trainer.engine import TrainingState
@@ -46,14 +45,6 @@ def digit_images(count: int) -> tuple[list[torch.Tensor], list[int]]:
     return images, [int(label) for label in digits.target[:count]]
 
 
-def write_image(image: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".png":
-        write_png(image, str(path))
-    else:
-        path.write_bytes(encode_jpeg(image, quality=95).numpy().tobytes())
-
-
 def unlabelled_folder(root: Path, count: int) -> list[Path]:
     """Images in nested folders that are not classes, half JPEG, half PNG."""
     images, _ = digit_images(count)
@@ -61,7 +52,7 @@ def unlabelled_folder(root: Path, count: int) -> list[Path]:
     for index, image in enumerate(images):
         suffix = ".png" if index % 2 else ".jpg"
         path = root / f"shoot_{index % 3}" / f"day_{index % 2}" / f"img_{index:04d}{suffix}"
-        write_image(image, path)
+        save_image(image, path)
         paths.append(path)
     (root / "notes.txt").write_text("not an image")
     return paths
@@ -70,7 +61,7 @@ def unlabelled_folder(root: Path, count: int) -> list[Path]:
 def labelled_folder(root: Path, count: int) -> None:
     images, labels = digit_images(count)
     for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-        write_image(image, root / str(label) / f"{index:04d}.png")
+        save_image(image, root / str(label) / f"{index:04d}.png")
 
 
 def files_config(path: Path, **data: object) -> TrainConfig:
@@ -187,7 +178,7 @@ def test_manifests_list_files_with_or_without_labels(tmp_path: Path) -> None:
 def test_bad_manifests_are_refused_before_training(tmp_path: Path) -> None:
     unlabelled_folder(tmp_path / "data", 4)
     outside = tmp_path / "outside.png"
-    write_image(digit_images(1)[0][0], outside)
+    save_image(digit_images(1)[0][0], outside)
     cases = {
         "missing.txt": ("data/a.png\ndata/b.png\n", "lists 2 of 2 files that do not exist"),
         "escape.txt": ("../outside.png\n", "1 entries resolve outside the data folder"),
