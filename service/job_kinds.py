@@ -19,6 +19,7 @@ from service.tracking import Progress, Tracking
 from trainer.config import TrainConfig
 from trainer.init_weights import is_mlflow_uri
 from trainer.mlflow_names import ROLE_TAG, SWEEP_ID_TAG
+from trainer.object_store import is_object_uri
 from trainer.spec import TrainJobSpec
 from tuning.config import SweepConfig
 from tuning.spec import SweepJobSpec
@@ -53,7 +54,7 @@ class KindInfo:
     """Whether the run is a parent whose children end with it."""
     progress: Callable[[Tracking, str, Any], Progress]
     """Read how far the job got from its MLflow run id and its config."""
-    sampled_paths: Callable[[Any], list[tuple[tuple[str, ...], Path]]] = lambda config: []
+    sampled_paths: Callable[[Any], list[tuple[tuple[str, ...], str | Path]]] = lambda config: []
     """Paths a job may read besides its base config's, with their request locations
     (a sweep's ``data.path`` or ``model.init`` choices): confined at admission like
     the base's."""
@@ -98,16 +99,17 @@ PATH_FIELDS = ("data.path", "eval.data.path", "model.init")
 """TrainConfig fields that name something on disk (``model.init`` unless an MLflow URI)."""
 
 
-def sweep_paths(sweep: SweepConfig) -> list[tuple[tuple[str, ...], Path]]:
-    """Every path a sweep's space can give a trial, with its location in the request."""
-    found: list[tuple[tuple[str, ...], Path]] = []
+def sweep_paths(sweep: SweepConfig) -> list[tuple[tuple[str, ...], str | Path]]:
+    """Every path or object-store URI a sweep's space can give a trial, with its location
+    in the request."""
+    found: list[tuple[tuple[str, ...], str | Path]] = []
     for field, distribution in sweep.space.items():
         if field in PATH_FIELDS:
             for index, value in enumerate(getattr(distribution, "values", ())):
                 if is_mlflow_uri(str(value)):
                     continue  # read from the tracking server, not from a disk
                 loc = ("body", "config", "space", field, "values", str(index))
-                found.append((loc, Path(str(value))))
+                found.append((loc, str(value) if is_object_uri(str(value)) else Path(str(value))))
     return found
 
 

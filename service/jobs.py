@@ -30,7 +30,7 @@ from service.store import (
 from service.tracking import Tracking, TrackingRejectedError
 from trainer.config import TrainConfig
 from trainer.mlflow_names import JOB_ID_TAG, OWNER_TAG
-from trainer.preflight import PreflightError, confined_path, preflight
+from trainer.preflight import PreflightError, confined_location, preflight
 from tuning.config import SweepConfig
 
 log = logging.getLogger(__name__)
@@ -92,22 +92,25 @@ def replay_of(existing: Job, kind: JobKind, fingerprint: str) -> Job:
     return existing
 
 
-def checked(config: TrainConfig | SweepConfig, roots: list[Path]) -> TrainConfig | SweepConfig:
+def checked(
+    config: TrainConfig | SweepConfig, roots: list[Path], uri_prefixes: list[str]
+) -> TrainConfig | SweepConfig:
     """The config (or the sweep's base) after `trainer.preflight`: paths resolved inside
-    the allowed roots and present, the backbone known to timm.
+    the allowed roots and present, object-store URIs under the allowed prefixes, the
+    backbone known to timm.
 
     Raises:
         InvalidJobError: every problem, located in the request body.
     """
     info = kind_of(config)
     problems: list[tuple[tuple[str, ...], str]] = []
-    for loc, path in info.sampled_paths(config):
+    for loc, location in info.sampled_paths(config):
         try:
-            confined_path(path, roots)
+            confined_location(location, roots, uri_prefixes)
         except ValueError as error:
             problems.append((loc, str(error)))
     try:
-        ready = preflight(info.base(config), allowed_roots=roots)
+        ready = preflight(info.base(config), allowed_roots=roots, allowed_uris=uri_prefixes)
     except PreflightError as error:
         problems += [
             ((*info.base_loc, *field.split(".")), reason) for field, reason in error.fields
@@ -143,7 +146,7 @@ def submit_job(
         existing = store.by_idempotency_key(owner, idempotency_key)
         if existing is not None:
             return Accepted(replay_of(existing, info.kind, fingerprint), replayed=True)
-    config = checked(config, settings.allowed_data_roots)
+    config = checked(config, settings.allowed_data_roots, settings.allowed_data_uris)
     job_id = new_job_id()
     run_tags = {**tags, JOB_ID_TAG: job_id, OWNER_TAG: owner}
     run_tags |= info.run_tags(job_id)

@@ -25,7 +25,7 @@ import httpx
 
 from service.settings import Settings
 from service.store import JobState
-from trainer.preflight import ALLOWED_ROOTS_ENV_VAR
+from trainer.preflight import ALLOWED_ROOTS_ENV_VAR, ALLOWED_URIS_ENV_VAR
 from trainer.spec import SPEC_FILE
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ def job_environment(settings: Settings) -> dict[str, str]:
         "KLSSL_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
         # Every worker confines the job's data paths again (trainer.preflight).
         ALLOWED_ROOTS_ENV_VAR: json.dumps(roots),
+        ALLOWED_URIS_ENV_VAR: json.dumps(settings.allowed_data_uris),
         **settings.job_env,
     }
     if settings.ray_auth_token is not None and settings.pass_ray_token_to_jobs:

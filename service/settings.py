@@ -87,6 +87,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Dataset paths must resolve inside one of these (empty: no paths).",
     )
+    allowed_data_uris: list[str] = Field(
+        default_factory=list,
+        description="Object-store data (s3://bucket/prefix) must lie under one of these "
+        "prefixes (empty: none); read with the KLSSL_S3_ENDPOINT_URL and AWS_* credentials "
+        "of the jobs' environment, as checkpoint storage.",
+    )
     max_request_bytes: int = Field(
         1024 * 1024,
         ge=1024,

@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -66,10 +67,13 @@ from trainer.bounds import (
     MAX_WORKERS,
 )
 from trainer.init_weights import init_problem
+from trainer.object_store import S3_URI, uri_problem
 
 NormalisationMode = Literal["prior", "center", "sinkhorn", "none"]
 StatisticsOrder = Literal["auto", "current", "previous"]
 DatasetKind = Literal["digits", "synthetic", "imagefolder", "cifar10", "files"]
+ObjectUri = Annotated[str, StringConstraints(pattern=S3_URI.pattern)]
+"""An ``s3://bucket/prefix`` data location (kept as a string: a `Path` would fold ``//``)."""
 PATH_KINDS = ("imagefolder", "cifar10", "files")
 """Dataset kinds read from ``data.path``."""
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -144,13 +148,14 @@ class DataSource(_Section):
     """Which images: a dataset kind, where it is, how much of it, which part is held out."""
 
     kind: DatasetKind = Field("digits", description="Built-in dataset kind.")
-    path: Annotated[Path | None, BoundedPath(MAX_PATH_LENGTH)] = Field(
+    path: Annotated[ObjectUri | Path | None, BoundedPath(MAX_PATH_LENGTH)] = Field(
         None,
         description="Root of the data: a folder per class (imagefolder), the folder "
         "holding the CIFAR-10 binary batches (cifar10), or for files a folder searched "
         "recursively or a manifest (.txt: a path per line; .csv: a path column, label "
-        "optional) whose paths are relative to it and stay inside its folder. Unused by "
-        f"digits and synthetic. Every component at most {MAX_PATH_COMPONENT_BYTES} bytes.",
+        "optional) whose paths are relative to it and stay inside its folder; for files "
+        "also s3://<bucket>/<prefix> (a prefix or a manifest object). Unused by digits "
+        f"and synthetic. Every component at most {MAX_PATH_COMPONENT_BYTES} bytes.",
     )
     pattern: str | None = Field(
         None,
@@ -186,10 +191,20 @@ class DataSource(_Section):
         32, ge=8, le=MAX_SYNTHETIC_IMAGE_SIZE, description="Side of synthetic images."
     )
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _uri_form(cls, path: Any) -> Any:
+        problem = uri_problem(str(path)) if isinstance(path, str | Path) else None
+        if problem is not None:
+            raise ValueError(problem)
+        return path
+
     @model_validator(mode="after")
     def _path_matches_kind(self) -> Self:
         if self.kind in PATH_KINDS and self.path is None:
             raise ValueError(f"data.path is required for dataset kind {self.kind!r}")
+        if isinstance(self.path, str) and self.kind != "files":
+            raise ValueError(f"object storage is read by kind 'files', not {self.kind!r}")
         if self.pattern is not None and self.kind != "files":
             raise ValueError(f"data.pattern is only read by kind 'files', not {self.kind!r}")
         return self

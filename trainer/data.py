@@ -20,6 +20,7 @@ one deterministic view per image (`trainer.augment.eval_transform`).
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from trainer.augment import MultiCropAugmentation, eval_transform
 from trainer.config import DataConfig, DatasetKind, DataSource
 from trainer.manifests import IMAGE_EXTENSIONS, find_image_files, is_image
+from trainer.object_store import read_object
 
 Item = tuple[Tensor, int]
 """One image, uint8 (3, H, W), and its class index (`UNLABELLED` when it has none)."""
@@ -102,8 +104,8 @@ class TensorImages(Dataset[Item]):
         return TensorImages(self.images[index].contiguous(), self.labels[index], self.ids[index])
 
 
-def decode_rgb(path: Path) -> Tensor:
-    """The image file at ``path`` as a uint8 RGB (3, H, W) tensor.
+def decode_rgb(path: Path | str) -> Tensor:
+    """The image file at ``path`` (or ``s3://`` URI) as a uint8 RGB (3, H, W) tensor.
 
     Pillow decodes (torchvision's decoders are deprecated); ``convert("RGB")`` turns grey,
     palette and alpha images into three channels. An image over Pillow's pixel limit
@@ -113,7 +115,8 @@ def decode_rgb(path: Path) -> Tensor:
         OSError, ValueError, PIL.Image.DecompressionBombError: the file is not an image
             Pillow can decode.
     """
-    with Image.open(path) as image:
+    source = io.BytesIO(read_object(path)) if isinstance(path, str) else path
+    with Image.open(source) as image:
         pixels = np.asarray(image.convert("RGB"))
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
@@ -134,7 +137,10 @@ class ImageFiles(Dataset[Item]):
     """
 
     def __init__(
-        self, files: Sequence[Path], labels: Sequence[int], max_unreadable_fraction: float = 0.0
+        self,
+        files: Sequence[Path | str],
+        labels: Sequence[int],
+        max_unreadable_fraction: float = 0.0,
     ) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
@@ -339,8 +345,11 @@ def _files(config: DataSource, seed: int) -> DataSplits:
     ``eval.data``); with a manifest's labels the split is per class, as for imagefolder.
     """
     del seed  # the split follows the sorted (or listed) order
-    found = find_image_files(_required_path(config), config.pattern)
-    check_confined(found.root, found.files, what="files")
+    if config.path is None:
+        raise ValueError("data.path is required for dataset kind 'files'")
+    found = find_image_files(config.path, config.pattern)
+    if found.root is not None:  # local files; object keys were checked when listed
+        check_confined(found.root, [Path(file) for file in found.files], what="files")
     dataset = ImageFiles(found.files, found.labels, config.max_unreadable_fraction)
     if not found.class_names:
         train = _cap(list(range(len(dataset))), found.labels, config.max_samples)

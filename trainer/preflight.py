@@ -9,6 +9,8 @@ before it opens anything (the two hosts need not see the same files):
   resolves, symlinks followed, inside an allowed root (when roots are given) and
   exists; a path outside gets the same message whether or not it exists, so the answer
   never reveals what is on the host;
+- every object-store URI (``s3://...`` as ``data.path``) lies under an allowed prefix
+  (when prefixes are given);
 - the backbone is a model timm can build (a registry lookup: no download).
 """
 
@@ -23,7 +25,11 @@ from pathlib import Path
 
 from trainer.config import ConfigError, TrainConfig
 from trainer.init_weights import is_mlflow_uri
+from trainer.object_store import is_object_uri
 
+ALLOWED_URIS_ENV_VAR = "KLSSL_ALLOWED_DATA_URIS"
+"""Object-store prefixes (``s3://bucket/prefix``) a worker confines data URIs to, as the
+service's setting of the same name (a JSON list). Unset: no confinement."""
 ALLOWED_ROOTS_ENV_VAR = "KLSSL_ALLOWED_DATA_ROOTS"
 """Roots a worker confines data paths to, as the service's setting of the same name
 spells them (a JSON list; ``os.pathsep``-separated paths are accepted too). Unset: no
@@ -101,14 +107,65 @@ def confined_path(path: Path, roots: Sequence[Path] | None) -> Path:
     return resolved
 
 
+def confined_uri(uri: str, prefixes: Sequence[str] | None) -> str:
+    """``uri`` when it lies under one of ``prefixes`` (None: any URI).
+
+    A prefix matches whole path segments (``s3://data/cats`` admits
+    ``s3://data/cats/x`` but not ``s3://data/catsup``); ``..`` segments are refused, as
+    they would read as an escape whatever the store makes of them.
+
+    Raises:
+        ValueError: the URI lies outside every prefix, or has ``..`` segments.
+    """
+    if ".." in uri.split("/"):
+        raise ValueError(f"URI {uri!r} has '..' segments")
+    if prefixes is not None:
+        inside = any(
+            uri.rstrip("/") == prefix.rstrip("/") or uri.startswith(prefix.rstrip("/") + "/")
+            for prefix in prefixes
+        )
+        if not inside:
+            allowed = ", ".join(prefixes) or "none configured"
+            raise ValueError(f"URI {uri!r} is outside the allowed data URIs ({allowed})")
+    return uri
+
+
+def confined_location(
+    location: str | Path, roots: Sequence[Path] | None, uri_prefixes: Sequence[str] | None
+) -> str | Path:
+    """A data location checked by its kind: an object-store URI or a local path."""
+    if isinstance(location, str) and is_object_uri(location):
+        return confined_uri(location, uri_prefixes)
+    return confined_path(Path(location), roots)
+
+
+def allowed_uris_from_env() -> list[str] | None:
+    """The prefixes of ``KLSSL_ALLOWED_DATA_URIS`` (a JSON list; None when unset)."""
+    value = os.environ.get(ALLOWED_URIS_ENV_VAR, "").strip()
+    if not value:
+        return None
+    try:
+        parts = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{ALLOWED_URIS_ENV_VAR} is not a JSON list: {error}") from None
+    if not isinstance(parts, list):
+        raise ValueError(f"{ALLOWED_URIS_ENV_VAR} is not a JSON list")
+    return [str(part) for part in parts]
+
+
 def preflight(
-    config: TrainConfig, *, allowed_roots: Sequence[Path] | None = None, source: str = "config"
+    config: TrainConfig,
+    *,
+    allowed_roots: Sequence[Path] | None = None,
+    allowed_uris: Sequence[str] | None = None,
+    source: str = "config",
 ) -> TrainConfig:
     """Check that ``config`` can run on this host; return it with its paths resolved.
 
     Args:
         config: a validated config.
         allowed_roots: roots every data path must resolve inside (None: any path).
+        allowed_uris: prefixes every object-store URI must lie under (None: any URI).
         source: what the config is, for the error message.
 
     Raises:
@@ -117,16 +174,16 @@ def preflight(
     problems: list[tuple[str, str]] = []
     if config.data.path is not None:
         try:
-            resolved = confined_path(config.data.path, allowed_roots)
+            location = confined_location(config.data.path, allowed_roots, allowed_uris)
         except ValueError as error:
             problems.append(("data.path", str(error)))
         else:
-            data = config.data.model_copy(update={"path": resolved})
+            data = config.data.model_copy(update={"path": location})
             config = config.model_copy(update={"data": data})
     labelled = config.eval.data
     if labelled is not None and labelled.path is not None:
         try:
-            resolved = confined_path(labelled.path, allowed_roots)
+            resolved = confined_location(labelled.path, allowed_roots, allowed_uris)
         except ValueError as error:
             problems.append(("eval.data.path", str(error)))
         else:

@@ -118,6 +118,11 @@ def bad_configs(data_root: Path, tmp_path: Path) -> dict[str, tuple[dict[str, An
             "config.data.path",
             "outside the allowed data roots",
         ),
+        "object storage outside the allowed URIs": (
+            {"data": {"kind": "files", "path": "s3://someone-elses-bucket/photos"}},
+            "config.data.path",
+            "outside the allowed data URIs",
+        ),
         "evaluation set outside the roots": (
             {"eval": {"data": {"kind": "imagefolder", "path": str(outside)}}},
             "config.eval.data.path",
@@ -147,6 +152,7 @@ def bad_configs(data_root: Path, tmp_path: Path) -> dict[str, tuple[dict[str, An
         "path outside the roots",
         "dot-dot escape",
         "symlink escape",
+        "object storage outside the allowed URIs",
         "evaluation set outside the roots",
         "init file outside the roots",
         "init from a hub",

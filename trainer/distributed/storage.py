@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow.fs
 
 from trainer.distributed.errors import StorageUnavailableError
+from trainer.object_store import is_object_uri, path_of, s3_endpoint, s3_filesystem
 
 STORAGE_ENV_VAR = "KLSSL_STORAGE_PATH"
-S3_ENDPOINT_ENV_VARS = ("KLSSL_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 def default_storage_path(output: Path = Path("runs")) -> str:
@@ -29,20 +29,10 @@ def resolve_storage(storage_path: str) -> tuple[pyarrow.fs.FileSystem | None, st
     ``KLSSL_S3_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL[_S3]``) for MinIO; other URIs are
     left to Ray; a local path is made absolute.
     """
-    if storage_path.startswith("s3://"):
-        endpoint = next(
-            (os.environ[name] for name in S3_ENDPOINT_ENV_VARS if os.environ.get(name)), None
-        )
-        if endpoint is None:
+    if is_object_uri(storage_path):
+        if s3_endpoint() is None:
             return None, storage_path
-        scheme, _, host = endpoint.partition("://")
-        filesystem = pyarrow.fs.S3FileSystem(
-            endpoint_override=host or scheme,
-            scheme=scheme if host else "https",
-            connect_timeout=5,
-            request_timeout=20,
-        )
-        return filesystem, storage_path.removeprefix("s3://").rstrip("/")
+        return s3_filesystem(), path_of(storage_path)
     if "://" in storage_path:
         return None, storage_path
     return None, str(Path(storage_path).expanduser().resolve())

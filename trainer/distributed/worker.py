@@ -41,7 +41,7 @@ from trainer.mlflow_names import (
     RESUMED_FROM_EPOCH_TAG,
     RESUMED_FROM_STEP_TAG,
 )
-from trainer.preflight import allowed_roots_from_env, preflight
+from trainer.preflight import allowed_roots_from_env, allowed_uris_from_env, preflight
 from trainer.tracking import MetricLogger, TrackedRun, export_backbone, set_tags
 
 RNG_DIR = "rng"
@@ -175,7 +175,10 @@ def worker_main(
     """
     # The worker's host may not see what the driver's saw: check again before opening.
     config = preflight(
-        setup.config, allowed_roots=allowed_roots_from_env(), source="config on the worker"
+        setup.config,
+        allowed_roots=allowed_roots_from_env(),
+        allowed_uris=allowed_uris_from_env(),
+        source="config on the worker",
     )
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
