@@ -234,7 +234,9 @@ def long_tail(run: Run, ratio: float) -> Run:
     config = run.config
     loader = make_train_loader(splits.train, config.data, seed=config.runtime.seed)
     schedules = Schedules(config, steps_per_epoch=len(loader), global_batch=config.data.batch_size)
-    return dataclasses.replace(run, splits=splits, train_loader=loader, schedules=schedules)
+    return dataclasses.replace(
+        run, splits=splits, evaluation=splits, train_loader=loader, schedules=schedules
+    )
 
 
 @torch.no_grad()

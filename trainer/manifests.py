@@ -73,7 +73,7 @@ def is_image(path: PurePath) -> bool:
 
 def _from_folder(root: Path, pattern: str | None) -> FoundImages:
     candidates = root.glob(pattern) if pattern is not None else root.rglob("*")
-    files = sorted(
+    files: list[Path | str] = sorted(
         file
         for file in candidates
         if is_image(file)
@@ -83,7 +83,7 @@ def _from_folder(root: Path, pattern: str | None) -> FoundImages:
     if not files:
         wanted = f"matching {pattern!r}" if pattern else f"({', '.join(IMAGE_EXTENSIONS)})"
         raise ValueError(f"files: no images {wanted} under {root}")
-    return FoundImages(root, list[Path | str](files), [UNLABELLED] * len(files), [])
+    return FoundImages(root, files, [UNLABELLED] * len(files), [])
 
 
 def _read_manifest(text: str, name: str | Path) -> list[tuple[str, str | None]]:
