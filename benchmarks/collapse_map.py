@@ -60,7 +60,7 @@ from reports import write_json
 from trainer.config import TrainConfig, apply_overrides, read_config_file, validate_config
 from trainer.data import DataSplits, ImageFiles, TensorImages, make_eval_loader, make_train_loader
 from trainer.health import CollapseRule
-from trainer.loop import Run, build_run, run_training
+from trainer.loop import Run, build_run, evaluate_baselines, run_training
 from trainer.models import as_network
 from trainer.objective import teacher_targets
 from trainer.schedules import Schedules
@@ -327,6 +327,63 @@ def run_cell(cell: Cell, base: dict[str, Any]) -> dict[str, Any]:
     if cell.clusters is not None and not diverged:
         record |= cluster_scores(run)
     return record
+
+
+def cluster_baselines(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
+    """What the clustering scores and k-NN are read against, per (imbalance, K, seed).
+
+    The network before its first step: NMI / ARI of its cluster assignments (the same
+    `cluster_scores`), and `trainer.loop.evaluate_baselines` (random-init k-NN with its
+    BatchNorm recalibrated, raw-pixel k-NN) on the same splits as the trained runs.
+    """
+    found: dict[str, Any] = {}
+    for imbalance in args.imbalance:
+        for clusters in args.clusters_k:
+            for seed in args.seeds:
+                cell = Cell(
+                    "prior",
+                    base["objective"]["teacher_temp"],
+                    base["data"]["batch_size"],
+                    seed,
+                    None,
+                    clusters,
+                    imbalance,
+                )
+                run = build_run(cell.config(base))
+                if imbalance != 1:
+                    run = long_tail(run, imbalance)
+                found[f"imb{imbalance:g}/K{clusters}/seed{seed}"] = {
+                    "imbalance": imbalance,
+                    "clusters": clusters,
+                    "seed": seed,
+                    **cluster_scores(run),
+                    **evaluate_baselines(run),
+                }
+    return found
+
+
+def baseline_table(baselines: dict[str, Any]) -> str:
+    """Mean ± std over seeds of the untrained network's scores and the pixel k-NN."""
+    groups: dict[tuple[float, int], list[dict[str, Any]]] = {}
+    for record in baselines.values():
+        groups.setdefault((record["imbalance"], record["clusters"]), []).append(record)
+    lines = [
+        "| imbalance | K | NMI (Q) at init | ARI (Q) at init | k-NN random init "
+        "| k-NN raw pixels |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for (imbalance, clusters), records in sorted(groups.items()):
+
+        def pm(key: str, spec: str, records: list[dict[str, Any]] = records) -> str:
+            values = [r[key] for r in records]
+            return f"{_fmt(mean(values), spec)} ± {_fmt(std(values), spec)}"
+
+        lines.append(
+            f"| {imbalance:g}:1 | {clusters} | {pm('target_nmi', '.3f')} | "
+            f"{pm('target_ari', '.3f')} | {pm('random_init_knn_top1', '.1f')} | "
+            f"{pm('pixels_knn_top1', '.1f')} |"
+        )
+    return "\n".join(lines)
 
 
 def progress(line: str) -> None:
@@ -710,6 +767,10 @@ def main() -> None:
         write_json(json_path, report)
 
     report["summary"], table = summarise(args.experiment, runs, title, args.output, name)
+    if args.experiment == "clusters":  # measured once; a resumed experiment keeps them
+        kept = json.loads(json_path.read_text()).get("baselines") if args.resume else None
+        report["baselines"] = kept or cluster_baselines(args, base)
+        table += "\n\n" + baseline_table(report["baselines"])
     report["environment"] = {
         "torch": torch.__version__,
         "python": platform.python_version(),
