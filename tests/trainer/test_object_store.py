@@ -168,6 +168,9 @@ def test_ray_train_reads_the_data_and_writes_checkpoints_to_the_bucket(
     config = s3_config(f"s3://{BUCKET}/ray-photos", batch_size=16).model_copy(deep=True)
     if ray.is_initialized():
         ray.shutdown()
+    # A local ray.init() sets RAY_AUTH_MODE=token (and more) in this process's
+    # environment; later tests start job processes without it, so put it back after.
+    environment = dict(os.environ)
     ray.init(num_cpus=2)  # the raylet, and so every worker, inherits the S3 environment
     try:
         result = launch_training(
@@ -179,6 +182,8 @@ def test_ray_train_reads_the_data_and_writes_checkpoints_to_the_bucket(
         )
     finally:
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(environment)
     assert result.storage_uri.startswith(f"s3://{BUCKET}/checkpoints")
     assert result.checkpoints, "no checkpoint recorded"
     stored = s3.get_file_info(
