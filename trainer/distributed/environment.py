@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 
 from trainer.distributed.errors import LaunchError
-
-log = logging.getLogger(__name__)
-CONNECT_RETRY_PAUSES_S = (2.0, 5.0)
-"""Pauses between the attempts to join a cluster that did not answer (3 attempts)."""
 
 TRAIN_V2_ENV_VAR = "RAY_TRAIN_V2_ENABLED"
 _FALSE = ("0", "false", "no", "off")
@@ -45,9 +39,7 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
 
     Token authentication (Ray >= 2.52) is read by Ray itself from ``RAY_AUTH_TOKEN``,
     ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` when ``RAY_AUTH_MODE=token``, which
-    `ensure_ray_env` sets (it is called here too, for callers that forgot). A cluster that
-    does not answer is tried 3 times (`CONNECT_RETRY_PAUSES_S` apart: a busy head answers
-    late); a refused token is not retried.
+    `ensure_ray_env` sets (it is called here too, for callers that forgot).
 
     Returns:
         The address connected to (``local`` for a Ray started here).
@@ -58,32 +50,22 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
     if ray.is_initialized():
         return "existing"
     target = address or os.environ.get("RAY_ADDRESS", "").strip() or None
-    if target is None:
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
-        return "local"
-    for attempt, pause_s in enumerate((*CONNECT_RETRY_PAUSES_S, None), start=1):
-        try:
-            ray.init(address=target, log_to_driver=True)
-            return target
-        except ray.exceptions.AuthenticationError as error:  # a wrong token stays wrong
-            raise LaunchError(
-                f"the Ray cluster at {target} refused the connection: {error}. "
-                "Set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token."
-            ) from error
-        except ConnectionError as error:
-            if pause_s is None:
-                hint = (
-                    "check the address and, for a cluster with token authentication, "
-                    "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
-                )
-                raise LaunchError(
-                    f"cannot connect to the Ray cluster at {target} ({attempt} attempts): "
-                    f"{error}; {hint}"
-                ) from error
-            # A busy head answers late (its GCS connect timeout is seconds): try again.
-            log.warning(
-                "connecting to Ray at %s failed (%s); retrying in %g s", target, error, pause_s
-            )
-            ray.shutdown()
-            time.sleep(pause_s)
-    raise AssertionError("unreachable")
+    try:
+        if target is None:
+            ray.init(num_cpus=num_cpus, log_to_driver=True)
+            return "local"
+        ray.init(address=target, log_to_driver=True)
+    except ray.exceptions.AuthenticationError as error:
+        raise LaunchError(
+            f"the Ray cluster at {target} refused the connection: {error}. "
+            "Set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token."
+        ) from error
+    except ConnectionError as error:
+        hint = (
+            "check the address and, for a cluster with token authentication, "
+            "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
+        )
+        raise LaunchError(
+            f"cannot connect to the Ray cluster at {target}: {error}; {hint}"
+        ) from error
+    return target
