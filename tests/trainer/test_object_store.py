@@ -166,12 +166,16 @@ def test_ray_train_reads_the_data_and_writes_checkpoints_to_the_bucket(
 ) -> None:
     put_images(s3, "ray-photos", 64)
     config = s3_config(f"s3://{BUCKET}/ray-photos", batch_size=16).model_copy(deep=True)
+    from ray.cluster_utils import Cluster
+
     if ray.is_initialized():
         ray.shutdown()
-    # A local ray.init() sets RAY_AUTH_MODE=token (and more) in this process's
-    # environment; later tests start job processes without it, so put it back after.
-    environment = dict(os.environ)
-    ray.init(num_cpus=2)  # the raylet, and so every worker, inherits the S3 environment
+    # A node started here inherits the S3 environment, and so do its workers. (Started
+    # as the other Ray tests do: a local ray.init() would set RAY_AUTH_MODE=token in this
+    # process for every later test.)
+    node = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    node.wait_for_nodes()
+    ray.init(address=node.address)
     try:
         result = launch_training(
             config,
@@ -182,8 +186,7 @@ def test_ray_train_reads_the_data_and_writes_checkpoints_to_the_bucket(
         )
     finally:
         ray.shutdown()
-        os.environ.clear()
-        os.environ.update(environment)
+        node.shutdown()
     assert result.storage_uri.startswith(f"s3://{BUCKET}/checkpoints")
     assert result.checkpoints, "no checkpoint recorded"
     stored = s3.get_file_info(
