@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +56,28 @@ def save_image(image: torch.Tensor, path: Path) -> None:
         picture.save(path, quality=95)
     else:
         picture.save(path)
+
+
+@contextlib.contextmanager
+def ray_cluster(*node_cpus: int) -> Iterator[Any]:
+    """A Ray cluster of one node per entry of ``node_cpus`` (CPUs each), connected to.
+
+    Started with Ray's ``Cluster`` utility: the nodes inherit this process's environment
+    (so their workers do too), and unlike a local ``ray.init()`` it leaves no
+    ``RAY_AUTH_MODE`` behind for the job processes of later tests.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": node_cpus[0]})
+    for cpus in node_cpus[1:]:
+        nodes.add_node(num_cpus=cpus)
+    nodes.wait_for_nodes()
+    ray.init(address=nodes.address)
+    try:
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()

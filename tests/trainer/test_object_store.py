@@ -19,10 +19,9 @@ from typing import Any
 
 import pyarrow.fs
 import pytest
-import ray
 from PIL import Image
 
-from tests.factories import tiny_config
+from tests.factories import ray_cluster, tiny_config
 from tests.trainer.test_files import Quiet, digit_images
 from trainer.config import TrainConfig
 from trainer.data import ImageFiles, build_splits
@@ -166,17 +165,8 @@ def test_ray_train_reads_the_data_and_writes_checkpoints_to_the_bucket(
 ) -> None:
     put_images(s3, "ray-photos", 64)
     config = s3_config(f"s3://{BUCKET}/ray-photos", batch_size=16).model_copy(deep=True)
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    # A node started here inherits the S3 environment, and so do its workers. (Started
-    # as the other Ray tests do: a local ray.init() would set RAY_AUTH_MODE=token in this
-    # process for every later test.)
-    node = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    node.wait_for_nodes()
-    ray.init(address=node.address)
-    try:
+    # The node inherits the S3 environment, and so do its workers.
+    with ray_cluster(2):
         result = launch_training(
             config,
             workers=1,
@@ -184,9 +174,6 @@ def test_ray_train_reads_the_data_and_writes_checkpoints_to_the_bucket(
             tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
             run_name="s3-run",
         )
-    finally:
-        ray.shutdown()
-        node.shutdown()
     assert result.storage_uri.startswith(f"s3://{BUCKET}/checkpoints")
     assert result.checkpoints, "no checkpoint recorded"
     stored = s3.get_file_info(

@@ -71,19 +71,8 @@ def tiny_config(**sections: dict[str, Any]) -> TrainConfig:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     """Two Ray nodes with one CPU each: two workers land on different nodes."""
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    nodes.add_node(num_cpus=1)
-    nodes.wait_for_nodes()
-    ray.init(address=nodes.address)
-    try:
+    with factories.ray_cluster(1, 1) as nodes:
         yield nodes
-    finally:
-        ray.shutdown()
-        nodes.shutdown()
 
 
 # ------------------------------------------------------------------ observer hooks

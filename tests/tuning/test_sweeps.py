@@ -22,7 +22,6 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 # isort: split
-import ray
 
 from tests import factories
 from tuning.config import optuna_available, validate_sweep
@@ -50,18 +49,8 @@ def base_config(name: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     """One Ray node with two CPUs: two one-worker trials at once."""
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    nodes.wait_for_nodes()
-    ray.init(address=nodes.address)
-    try:
+    with factories.ray_cluster(2) as nodes:
         yield nodes
-    finally:
-        ray.shutdown()
-        nodes.shutdown()
 
 
 def children(client: MlflowClient, parent_id: str) -> list[Any]:
