@@ -78,6 +78,7 @@ PATH_KINDS = ("imagefolder", "cifar10", "files")
 """Dataset kinds read from ``data.path``."""
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
+LoaderKind = Literal["torch", "ray"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 SMALL_IMAGE_BLUR_LIMIT = 64
@@ -246,6 +247,13 @@ class DataConfig(DataSource):
     batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE, description="Images per worker per step.")
     loader_workers: int = Field(
         0, ge=0, le=MAX_LOADER_WORKERS, description="DataLoader worker processes."
+    )
+    loader: LoaderKind = Field(
+        "torch",
+        description="How training batches are made: torch (a DataLoader in every training "
+        "worker: small or local data) or ray (Ray Data decodes and augments on any node of "
+        "the cluster and streams each worker its shard, every image once per epoch; needs "
+        "a Ray run and a free CPU beyond the workers'). Evaluation always uses a DataLoader.",
     )
 
     @field_validator("global_crop_scale", "local_crop_scale")

@@ -558,7 +558,7 @@ class MultiCropViews(Dataset[tuple[list[Tensor], int]]):
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[Tensor], int]:
         epoch, index = key
         image, label = self.dataset[index]
-        generator = torch.Generator().manual_seed(_mix(self.seed, epoch, index))
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
         return self.augmentation(image, generator=generator), label
 
 
@@ -633,7 +633,7 @@ def make_eval_loader(
     )
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from integers (splitmix64 steps), so nearby keys seed far apart."""
     state = 0
     for value in values:

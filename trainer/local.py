@@ -97,7 +97,17 @@ def train_locally(
 
     Returns:
         The final metrics, including ``knn_top1`` when the data has labels.
+
+    Raises:
+        ValueError: the config streams its data through Ray (``data.loader: ray``).
+        FileNotFoundError: ``resume`` without a checkpoint.
     """
+    if config.data.loader == "ray":
+        raise ValueError(
+            "data.loader 'ray' streams the data through a Ray cluster: train with "
+            "--workers N (Ray Train) or submit the job to the service, or set "
+            "data.loader: torch to train in this process"
+        )
     console = console or Console(stderr=True)
     payload = None
     if resume:

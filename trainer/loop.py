@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,6 +47,22 @@ from trainer.schedules import Schedules
 from trainer.statistics import ClusterStatistics
 
 
+class TrainLoader(Protocol):
+    """Batches ``(views, labels)`` of one epoch per iteration, ``len`` of them.
+
+    A torch `DataLoader` (`make_train_loader`, sampled per epoch with ``set_epoch``)
+    or a Ray Data shard (`trainer.distributed.ray_data.ShardLoader`).
+    """
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
+
+
+LoaderFactory = Callable[[DataSplits], TrainLoader]
+"""Builds a worker's training loader from its data splits."""
+
+
 class LoopHooks(Protocol):
     """What a runner does with progress; every method is called on every rank."""
 
@@ -67,7 +83,7 @@ class Run:
     evaluation: DataSplits | None
     """Labelled images to evaluate on: ``eval.data``'s splits, else the training data's
     own when it has labels; None for unlabelled data without ``eval.data``."""
-    train_loader: DataLoader[Any]
+    train_loader: TrainLoader
     schedules: Schedules
     device: torch.device
     precision: Precision
@@ -100,11 +116,14 @@ def build_run(
     device: torch.device | None = None,
     wrap_student: Callable[[nn.Module], nn.Module] = lambda module: module,
     tracking_uri: str | None = None,
+    make_loader: LoaderFactory | None = None,
 ) -> Run:
     """Build data, networks, optimiser and schedules for one worker.
 
     ``tracking_uri`` is where a ``model.init`` of ``runs:/`` or ``models:/`` is read from
     (None: the environment's, as `trainer.tracking.resolve_tracking_uri`).
+    ``make_loader`` builds the training loader (default: a torch DataLoader over this
+    rank's part of the training split).
     """
     device = device or select_device(config)
     precision = resolve_precision(config.runtime.precision, device)
@@ -117,9 +136,12 @@ def build_run(
         evaluation: DataSplits | None = build_splits(config.eval.data, seed=config.runtime.seed)
     else:
         evaluation = splits if splits.num_classes > 0 else None
-    loader = make_train_loader(
-        splits.train, config.data, seed=config.runtime.seed, rank=rank, world_size=world_size
-    )
+    if make_loader is not None:
+        loader = make_loader(splits)
+    else:
+        loader = make_train_loader(
+            splits.train, config.data, seed=config.runtime.seed, rank=rank, world_size=world_size
+        )
     student = build_network(
         config.model, config.objective.num_clusters, config.data.global_crop_size
     ).to(device)
@@ -259,9 +281,8 @@ def run_training(
         restore_state(run.state, resume)
     metrics: dict[str, float] = {}
     for epoch in range(run.state.epoch, until_epoch or config.schedule.epochs):
-        sampler = run.train_loader.sampler
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        if isinstance(run.train_loader, DataLoader):
+            run.train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         metrics = train_one_epoch(
             run.state,
             run.train_loader,
@@ -276,10 +297,25 @@ def run_training(
         every = config.eval.every_epochs
         if evaluates and (last_epoch or (every > 0 and (epoch + 1) % every == 0)):
             metrics |= evaluate(run) | baselines
-        if isinstance(run.splits.train, ImageFiles):  # replaced, never silently dropped
-            metrics["unreadable_images"] = float(run.splits.train.unreadable_count)
+        unreadable = unreadable_images(run)
+        if unreadable is not None:  # replaced, never silently dropped
+            metrics["unreadable_images"] = float(unreadable)
         hooks.on_epoch_end(run.state, metrics)
     return metrics
+
+
+def unreadable_images(run: Run) -> int | None:
+    """Training images found unreadable (and replaced) so far; None for in-memory data.
+
+    A Ray Data loader counts them itself (per epoch, over the workers); a DataLoader's
+    dataset of files counts them over the run.
+    """
+    counted = getattr(run.train_loader, "unreadable_count", None)
+    if counted is not None:
+        return int(counted)
+    if isinstance(run.splits.train, ImageFiles):
+        return run.splits.train.unreadable_count
+    return None
 
 
 def backbone_of(run: Run) -> nn.Module:

@@ -63,6 +63,12 @@ def train(
     except ConfigError as error:  # invalid, or cannot run here (a PreflightError)
         console.print(f"[red]{error}[/]")
         raise typer.Exit(2) from None
+    if workers is None and config.data.loader == "ray":
+        console.print(
+            "[red]data.loader 'ray' streams the data through Ray Data: add --workers N "
+            "(Ray Train), or set data.loader=torch to train in this process[/]"
+        )
+        raise typer.Exit(2)
     if workers is not None:
         metrics = _train_on_ray(config, output, workers)
     else:

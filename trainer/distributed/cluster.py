@@ -10,6 +10,10 @@ from typing import Any
 from trainer.config import TrainConfig
 from trainer.distributed.errors import InsufficientResourcesError, LaunchError
 
+RAY_DATA_CPUS = 1.0
+"""CPUs kept free for Ray Data's tasks when the workers stream from it (at least one:
+fewer and its tasks would wait forever beside the workers' reservation)."""
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -19,6 +23,9 @@ class Placement:
     use_gpu: bool
     resources_per_worker: dict[str, float]
     strategy: str
+    loader_cpus: float = 0.0
+    """CPUs that must stay free beside the workers: Ray Data's decode and augment tasks
+    (``data.loader: ray``) run outside the workers' reservation."""
 
 
 def plan_placement(
@@ -42,7 +49,8 @@ def plan_placement(
     if use_gpu:
         resources["GPU"] = 1.0
     resources.update({key: float(value) for key, value in (extra_resources or {}).items()})
-    return Placement(count, use_gpu, resources, config.runtime.placement_strategy)
+    loader_cpus = RAY_DATA_CPUS if config.data.loader == "ray" else 0.0
+    return Placement(count, use_gpu, resources, config.runtime.placement_strategy, loader_cpus)
 
 
 def check_cluster_capacity(placement: Placement, nodes: Sequence[Mapping[str, Any]]) -> None:
@@ -71,13 +79,21 @@ def check_cluster_capacity(placement: Placement, nodes: Sequence[Mapping[str, An
         slots = max(fits, default=0)
     else:
         slots = sum(fits)
-    if slots >= placement.workers:
-        return
     totals: dict[str, float] = {}
     for node in alive:
         for key, value in node.get("Resources", {}).items():
-            if key in need:
-                totals[key] = totals.get(key, 0.0) + value
+            totals[key] = totals.get(key, 0.0) + value
+    if slots >= placement.workers:
+        free_cpus = totals.get("CPU", 0.0) - placement.workers * need.get("CPU", 0.0)
+        if free_cpus + 1e-9 < placement.loader_cpus:
+            raise InsufficientResourcesError(
+                f"data.loader 'ray' decodes and augments in Ray Data tasks, which need "
+                f"{placement.loader_cpus:g} CPU beyond the {placement.workers} workers' "
+                f"reservation, but the Ray cluster has {totals.get('CPU', 0.0):g} CPUs in "
+                "total; lower --workers or runtime.cpus_per_worker, use data.loader 'torch', "
+                "or add a node"
+            )
+        return
     wanted = ", ".join(f"{key}={value:g}" for key, value in sorted(need.items()))
     have = ", ".join(f"{key}={totals.get(key, 0.0):g}" for key in sorted(need)) or "nothing"
     raise InsufficientResourcesError(

@@ -29,6 +29,7 @@ from trainer.config import TrainConfig
 from trainer.distributed.cancel import CancelWatch, refuse_if_cancelled
 from trainer.distributed.cluster import Placement, check_cluster_capacity, plan_placement
 from trainer.distributed.environment import connect_ray, require_train_v2
+from trainer.distributed.ray_data import TRAIN_DATASET, train_dataset
 from trainer.distributed.storage import check_storage, default_storage_path, storage_uri
 from trainer.distributed.worker import WorkerSetup, train_loop_per_worker
 from trainer.mlflow_names import RUN_NAME_TAG, STORAGE_TAG, WORKERS_TAG
@@ -93,9 +94,11 @@ def build_trainer(
     """
     require_train_v2()
     runtime = setup.config.runtime
+    streamed = setup.config.data.loader == "ray"
     return ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=setup.model_dump(),
+        datasets={TRAIN_DATASET: train_dataset(setup.config)} if streamed else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=placement.workers,
             use_gpu=placement.use_gpu,

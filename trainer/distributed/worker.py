@@ -33,9 +33,11 @@ from trainer.checkpoint import (
     save_rng,
 )
 from trainer.config import TrainConfig
+from trainer.data import DataSplits
+from trainer.distributed.ray_data import TRAIN_DATASET, ShardLoader
 from trainer.engine import TrainingState
 from trainer.health import Verdict
-from trainer.loop import LoopHooks, Run, backbone_of, build_run, run_training
+from trainer.loop import LoaderFactory, LoopHooks, Run, backbone_of, build_run, run_training
 from trainer.mlflow_names import (
     LATEST_CHECKPOINT_TAG,
     RESUMED_FROM_EPOCH_TAG,
@@ -196,6 +198,7 @@ def worker_main(
         device=device,
         wrap_student=wrap,
         tracking_uri=setup.tracking_uri,
+        make_loader=ray_data_loader(config, world_size) if config.data.loader == "ray" else None,
     )
     payload = _resume_payload(rank, config)
     if payload is not None and payload["rng"] is None:
@@ -227,6 +230,20 @@ def worker_main(
     finally:
         if logger is not None:
             logger.close()
+
+
+def ray_data_loader(config: TrainConfig, world_size: int) -> LoaderFactory:
+    """This worker's shard of the Ray Dataset the driver passed (``data.loader: ray``)."""
+
+    def make(splits: DataSplits) -> ShardLoader:
+        shard = ray.train.get_dataset_shard(TRAIN_DATASET)
+        if shard is None:
+            raise RuntimeError(
+                f"data.loader is 'ray' but the trainer has no {TRAIN_DATASET!r} dataset"
+            )
+        return ShardLoader(shard, config.data, len(splits.train), world_size)
+
+    return make
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
