@@ -212,7 +212,7 @@ def test_in_memory_images_travel_as_pixels_in_a_seeded_order() -> None:
     assert first.equals(again)
     ids = first.column("id").to_pylist()
     assert sorted(ids) == list(range(10)) and ids != list(range(10))
-    rows = first.column("pixels").to_numpy()
+    rows = first.column("pixels").combine_chunks().to_numpy()
     for index, row in zip(ids, rows, strict=True):
         assert (row == dataset.images[index].numpy()).all()
     assert first.column("label").to_pylist() == ids
@@ -238,3 +238,13 @@ def test_training_in_process_refuses_the_ray_loader(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train", str(config), "--output", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "--workers" in result.output
+
+
+def test_in_memory_images_stream_as_views(cluster: Any) -> None:
+    config = factories.tiny_config(data={"loader": "ray", "max_samples": 40})
+    rows = train_dataset(config).take_all()
+    assert sorted(row["id"] for row in rows) == list(range(40))
+    assert all(not row["unreadable"] for row in rows)
+    sizes = [config.data.global_crop_size] * 2 + [config.data.local_crop_size] * 2
+    for view, size in enumerate(sizes):
+        assert {row[f"view_{view}"].shape for row in rows} == {(3, size, size)}
