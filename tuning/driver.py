@@ -191,10 +191,18 @@ def scheduler(sweep: SweepConfig) -> TrialScheduler:
 
 
 def max_concurrent_trials(placement: Placement, cluster: Mapping[str, float]) -> int:
-    """Trials the cluster can hold at once: its totals over one trial's workers (>= 1)."""
+    """Trials the cluster can hold at once: its totals over one trial's workers (>= 1).
+
+    A trial whose workers stream from Ray Data also needs ``placement.loader_cpus``
+    free CPUs for its tasks.
+    """
+    per_trial = {
+        key: value * placement.workers for key, value in placement.resources_per_worker.items()
+    }
+    per_trial["CPU"] = per_trial.get("CPU", 0.0) + placement.loader_cpus
     fits = [
-        math.floor(cluster.get(key, 0.0) / (value * placement.workers) + 1e-9)
-        for key, value in placement.resources_per_worker.items()
+        math.floor(cluster.get(key, 0.0) / value + 1e-9)
+        for key, value in per_trial.items()
         if value > 0
     ]
     return max(1, min(fits, default=1))

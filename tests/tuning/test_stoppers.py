@@ -118,6 +118,8 @@ def test_concurrency_is_what_the_cluster_holds() -> None:
     gpu = Placement(2, True, {"CPU": 4.0, "GPU": 1.0}, "PACK")
     assert max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # the GPUs limit
     assert max_concurrent_trials(gpu, {"CPU": 12.0, "GPU": 8.0}) == 1  # the CPUs limit
+    streamed = Placement(2, False, {"CPU": 1.0}, "PACK", loader_cpus=1.0)
+    assert max_concurrent_trials(streamed, {"CPU": 8.0}) == 2  # 3 CPUs per trial
 
 
 def test_the_tune_space_follows_the_sweep() -> None:
