@@ -31,6 +31,7 @@ from service.tracking import Tracking, TrackingRejectedError
 from trainer.config import TrainConfig
 from trainer.mlflow_names import JOB_ID_TAG, OWNER_TAG
 from trainer.preflight import PreflightError, confined_location, preflight
+from trainer.spec import Registration
 from tuning.config import SweepConfig
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,17 @@ class Accepted:
 
 
 def request_hash(
-    kind: JobKind, config: TrainConfig | SweepConfig, name: str | None, tags: dict[str, str]
+    kind: JobKind,
+    config: TrainConfig | SweepConfig,
+    name: str | None,
+    tags: dict[str, str],
+    registration: Registration | None = None,
 ) -> str:
-    """SHA-256 of what a request asks for (kind, validated config, name, tags)."""
+    """SHA-256 of what a request asks for (kind, validated config, name, tags, and the
+    model registration of a training job)."""
     canonical = json.dumps(
         {"kind": kind.value, "config": config.model_dump(mode="json"), "name": name,
-         "tags": tags},
+         "tags": tags, **(registration.model_dump() if registration else {})},
         sort_keys=True, separators=(",", ":"),
     )  # fmt: skip
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -130,8 +136,12 @@ def submit_job(
     name: str | None,
     tags: dict[str, str],
     idempotency_key: str | None,
+    registration: Registration | None = None,
 ) -> Accepted:
     """Record a QUEUED job (or sweep) with its MLflow run, or the job of a repeated key.
+
+    ``registration`` (training jobs) travels in the spec to the driver, which registers
+    the exported backbone under that name when the run ends.
 
     A sweep's run is the parent run of its trials, tagged with the sweep id (the job id).
     An Idempotency-Key is bound to its owner, the kind of job and the request: the same
@@ -141,7 +151,7 @@ def submit_job(
         InvalidJobError: the config cannot run here, or the key was used for another request.
     """
     info = kind_of(config)
-    fingerprint = request_hash(info.kind, config, name, tags)
+    fingerprint = request_hash(info.kind, config, name, tags, registration)
     if idempotency_key is not None:
         existing = store.by_idempotency_key(owner, idempotency_key)
         if existing is not None:
@@ -163,6 +173,7 @@ def submit_job(
             "owner": owner,
             "mlflow_run_id": run_id,
             "storage_path": settings.resolved_storage_path(),
+            **(registration.model_dump(exclude_none=True) if registration else {}),
         }
     )
     now = utcnow()

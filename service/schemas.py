@@ -11,6 +11,7 @@ from service.settings import Settings
 from service.store import Job, JobState
 from trainer.config import TrainConfig
 from trainer.mlflow_names import RESERVED_TAG_PREFIXES
+from trainer.spec import Registration, TrainJobSpec
 from tuning.config import SweepConfig
 from tuning.report import TrialRecord, best_trial
 
@@ -81,8 +82,9 @@ UserTags = Annotated[
 """Free-form tags: bounded, and never one of klssl's or MLflow's own."""
 
 
-class JobCreate(RequestBody):
-    """A training job to run: a TrainConfig plus an optional display name and tags."""
+class JobCreate(RequestBody, Registration):
+    """A training job to run: a TrainConfig plus an optional display name, tags and the
+    model name (and alias) to register its backbone under."""
 
     name: str | None = Field(
         None, min_length=1, max_length=256, description="Display name (default: config.name)."
@@ -135,6 +137,10 @@ class JobOut(BaseModel):
     progress: JobProgress
     error: str | None = Field(None, description="Why it failed or was cancelled.")
     checkpoint_uris: list[str] = Field(description="Checkpoints kept, oldest first.")
+    register_as: str | None = Field(
+        None, description="The model name its backbone is registered under when it succeeds."
+    )
+    register_alias: str | None = Field(None, description="The registered version's alias.")
 
     @classmethod
     def of(cls, job: Job, settings: Settings) -> JobOut:
@@ -172,6 +178,9 @@ class JobOut(BaseModel):
             ),
             error=job.error,
             checkpoint_uris=list(job.checkpoint_uris or []),
+            **(
+                job.spec.registration() if isinstance(job.spec, TrainJobSpec) else Registration()
+            ).model_dump(),
         )
 
 

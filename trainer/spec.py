@@ -10,15 +10,41 @@ A sweep's spec is `tuning.spec.SweepJobSpec`; the service's union of both is
 
 from __future__ import annotations
 
+import posixpath
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from trainer.config import ConfigError, TrainConfig, describe_errors
 
 SPEC_FILE = "spec.json"
 """The file name a job's spec has in the Ray job's working directory."""
+
+
+def _model_name(name: str) -> str:
+    # MLflow's own rules (mlflow.utils.validation), checked before anything is created.
+    if not name.strip() or "/" in name or ":" in name or posixpath.normpath(name) != name:
+        raise ValueError(
+            f"model name {name!r}: not blank, no '/' or ':', no '.' or '..' segments "
+            "(MLflow's rules)"
+        )
+    return name
+
+
+def _model_alias(alias: str) -> str:
+    if not re.fullmatch(r"[\w-]+", alias) or alias.lower() == "latest":
+        raise ValueError(f"alias {alias!r}: letters, digits, _ and - only, not 'latest'")
+    if re.fullmatch(r"[vV]\d+", alias):
+        raise ValueError(f"alias {alias!r}: v<number> names a version, not an alias")
+    return alias
+
+
+ModelName = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_model_name)]
+"""A registered model name MLflow accepts."""
+ModelAlias = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_model_alias)]
+"""A model version alias MLflow accepts (not ``latest``, not ``v<N>``)."""
 
 
 class JobSpecBase(BaseModel):
@@ -46,18 +72,34 @@ class JobSpecBase(BaseModel):
     )
 
 
-class TrainJobSpec(JobSpecBase):
+class Registration(BaseModel):
+    """Where a training job registers its exported backbone in MLflow's model registry
+    (in the job's spec, and in the REST body that asks for it)."""
+
+    register_as: ModelName | None = Field(
+        None, description="Register the exported backbone under this model name."
+    )
+    register_alias: ModelAlias | None = Field(
+        None, description="Alias of the registered version (needs register_as)."
+    )
+
+    @model_validator(mode="after")
+    def _alias_needs_a_name(self) -> Self:
+        if self.register_alias is not None and self.register_as is None:
+            raise ValueError("register_alias needs register_as")
+        return self
+
+    def registration(self) -> Registration:
+        """Only the registration fields (of a request body or a spec)."""
+        return Registration(register_as=self.register_as, register_alias=self.register_alias)
+
+
+class TrainJobSpec(JobSpecBase, Registration):
     """A training job: its config and where it runs, tracks and registers."""
 
     kind: Literal["train"] = "train"
     config: TrainConfig
     tags: dict[str, str] = Field(default_factory=dict, description="More MLflow run tags.")
-    register_as: str | None = Field(
-        None, min_length=1, max_length=256, description="Register the backbone under this name."
-    )
-    register_alias: str | None = Field(
-        None, min_length=1, max_length=256, description="Alias of the registered version."
-    )
 
     def to_json(self) -> str:
         """The spec as the Ray job's file."""

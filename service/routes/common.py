@@ -20,6 +20,7 @@ from service.settings import Settings
 from service.store import Job, JobKind, JobState, JobStore
 from service.tracking import Tracking, TrackingUnavailableError
 from trainer.config import TrainConfig
+from trainer.spec import Registration
 from tuning.config import SweepConfig
 
 BodyModel = TypeVar("BodyModel", bound=BaseModel)
@@ -63,6 +64,7 @@ async def accept(
     tracking: Tracking,
     settings: Settings,
     idempotency_key: str | None,
+    registration: Registration | None = None,
 ) -> Accepted | JSONResponse:
     """Record a job or sweep (`submit_job`), or the 422 / 503 that says why not."""
     try:
@@ -76,6 +78,7 @@ async def accept(
             name=name,
             tags=tags,
             idempotency_key=idempotency_key,
+            registration=registration,
         )
     except InvalidJobError as error:
         return invalid(error)

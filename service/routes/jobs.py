@@ -58,7 +58,15 @@ async def create_job(
 ) -> JobOut | JSONResponse:
     """Accept a training job: recorded QUEUED with its MLflow run, then dispatched to Ray."""
     accepted = await accept(
-        body.config, body.name, body.tags, owner.owner, store, tracking, settings, idempotency_key
+        body.config,
+        body.name,
+        body.tags,
+        owner.owner,
+        store,
+        tracking,
+        settings,
+        idempotency_key,
+        registration=body.registration(),
     )
     if isinstance(accepted, JSONResponse):
         return accepted

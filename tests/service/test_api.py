@@ -538,3 +538,46 @@ def test_what_mlflow_refuses_is_a_422_and_leaves_no_run(
     assert "MLflow refused the job's run" in response.json()["detail"][0]["msg"]
     assert run_count(services, "svc-refused") == 0
     assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 0
+
+
+def test_a_job_asks_for_its_backbone_to_be_registered(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    body = {**job_body("svc-register"), "register_as": "team backbone", "register_alias": "next"}
+    response = client.post("/v1/jobs", json=body, headers=ALICE)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert (job["register_as"], job["register_alias"]) == ("team backbone", "next")
+    services.dispatcher.run_once()
+    spec = json.loads(fake_ray.submissions[0]["spec_json"])
+    assert (spec["register_as"], spec["register_alias"]) == ("team backbone", "next")
+    # The registration is part of the request an Idempotency-Key is bound to.
+    headers = {**ALICE, "Idempotency-Key": "register-1"}
+    assert client.post("/v1/jobs", json=body, headers=headers).status_code == 202
+    other = client.post("/v1/jobs", json={**body, "register_as": "other"}, headers=headers)
+    assert other.status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "reason"),
+    [
+        ({"register_as": "a/b"}, "register_as", "no '/' or ':'"),
+        ({"register_as": "../up"}, "register_as", "segments"),
+        ({"register_as": "x", "register_alias": "latest"}, "register_alias", "not 'latest'"),
+        ({"register_as": "x", "register_alias": "v2"}, "register_alias", "names a version"),
+        ({"register_alias": "champion"}, "", "register_alias needs register_as"),
+        ({"register_as": "x" * 257}, "register_as", "at most 256 characters"),
+    ],
+)
+def test_a_registration_mlflow_would_refuse_is_a_422_and_leaves_nothing(
+    fields: dict[str, str], field: str, reason: str, client: TestClient, services: Services
+) -> None:
+    response = client.post(
+        "/v1/jobs", json={**job_body("svc-register-bad"), **fields}, headers=ALICE
+    )
+    assert response.status_code == 422, response.text
+    problems = {
+        ".".join(map(str, item["loc"][1:])): item["msg"] for item in response.json()["detail"]
+    }
+    assert field in problems and reason in problems[field], problems
+    assert run_count(services, "svc-register-bad") == 0
