@@ -21,7 +21,13 @@ from torch.utils.data import DataLoader
 
 from trainer.checkpoint import restore_state
 from trainer.config import Precision, TrainConfig
-from trainer.data import DataSplits, ImageFiles, build_splits, make_eval_loader, make_train_loader
+from trainer.data import (
+    DataSplits,
+    EncodedImages,
+    build_splits,
+    make_eval_loader,
+    make_train_loader,
+)
 from trainer.engine import (
     TrainingState,
     build_optimizer,
@@ -276,7 +282,7 @@ def run_training(
         every = config.eval.every_epochs
         if evaluates and (last_epoch or (every > 0 and (epoch + 1) % every == 0)):
             metrics |= evaluate(run) | baselines
-        if isinstance(run.splits.train, ImageFiles):  # replaced, never silently dropped
+        if isinstance(run.splits.train, EncodedImages):  # replaced, never silently dropped
             metrics["unreadable_images"] = float(run.splits.train.unreadable_count)
         hooks.on_epoch_end(run.state, metrics)
     return metrics
