@@ -123,17 +123,28 @@ def decode_rgb(path: Path | str) -> Tensor:
         OSError, ValueError, PIL.Image.DecompressionBombError: the file is not an image
             Pillow can decode.
     """
-    return _decode(io.BytesIO(read_object(path)) if isinstance(path, str) else path)
+    return _channels_first(
+        rgb_pixels(io.BytesIO(read_object(path)) if isinstance(path, str) else path)
+    )
 
 
 def decode_rgb_bytes(data: bytes) -> Tensor:
     """An encoded image (a file's bytes) decoded exactly as `decode_rgb` decodes files."""
-    return _decode(io.BytesIO(data))
+    return _channels_first(rgb_pixels(io.BytesIO(data)))
 
 
-def _decode(source: Path | io.BytesIO) -> Tensor:
+def rgb_pixels(source: Path | io.BytesIO) -> np.ndarray:
+    """The decoding step of `decode_rgb` alone (Pillow, no torch): uint8 (H, W, 3).
+
+    Raises:
+        OSError, ValueError, PIL.Image.DecompressionBombError: not an image Pillow
+            can decode.
+    """
     with Image.open(source) as image:
-        pixels = np.asarray(image.convert("RGB"))
+        return np.asarray(image.convert("RGB"))
+
+
+def _channels_first(pixels: np.ndarray) -> Tensor:
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -252,7 +263,8 @@ class PackedImages(EncodedImages):
     Holds only the pack's layout (labels and row group positions, a few bytes per row)
     and the pack ``index`` of each of its rows. The image bytes are read a row group at
     a time from shards each process opens itself (loader workers included: open files
-    and cached row groups are never pickled), keeping the last `CACHED_ROW_GROUPS`.
+    and cached row groups are never pickled), keeping the last `CACHED_ROW_GROUPS` row
+    groups and `OPEN_SHARDS` shards (a large pack must not exhaust file descriptors).
 
     Attributes for readers of the shards themselves (e.g. Ray Data): ``shards`` (paths or
     ``s3://`` URIs, in order), ``rows`` (the pack ``index`` of each item, in order),
@@ -260,6 +272,7 @@ class PackedImages(EncodedImages):
     """
 
     CACHED_ROW_GROUPS = 4
+    OPEN_SHARDS = 16
 
     def __init__(
         self,
@@ -277,7 +290,7 @@ class PackedImages(EncodedImages):
         super().__init__(len(chosen), max_unreadable_fraction)
         self.layout = layout
         self._rows = chosen
-        self._open: dict[int, pq.ParquetFile] = {}
+        self._open: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._groups: OrderedDict[tuple[int, int], pa.ChunkedArray] = OrderedDict()
         self._pid = os.getpid()
 
@@ -304,7 +317,7 @@ class PackedImages(EncodedImages):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_open"], state["_groups"] = {}, OrderedDict()
+        state["_open"], state["_groups"] = OrderedDict(), OrderedDict()
         return state
 
     def _read(self, index: int) -> Tensor:
@@ -327,16 +340,14 @@ class PackedImages(EncodedImages):
     def _column(self, shard: int, group: int, column: str) -> pa.ChunkedArray:
         """One column of a row group (image columns cached), read by this process."""
         if self._pid != os.getpid():  # a forked loader worker: its own files and cache
-            self._open, self._groups, self._pid = {}, OrderedDict(), os.getpid()
+            self._open, self._groups, self._pid = OrderedDict(), OrderedDict(), os.getpid()
         key = (shard, group)
         if column == "image" and key in self._groups:
             self._groups.move_to_end(key)
             return self._groups[key]
         path = self.layout.shards[shard]
         try:
-            if shard not in self._open:
-                self._open[shard] = open_shard(path)
-            values = self._open[shard].read_row_group(group, columns=[column]).column(column)
+            values = self._shard(shard).read_row_group(group, columns=[column]).column(column)
         except (OSError, pa.ArrowException) as error:
             raise PackReadError(
                 f"pack shard {path}: row group {group} cannot be read: {error}"
@@ -346,6 +357,15 @@ class PackedImages(EncodedImages):
             while len(self._groups) > self.CACHED_ROW_GROUPS:
                 self._groups.popitem(last=False)
         return values
+
+    def _shard(self, shard: int) -> pq.ParquetFile:
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        self._open[shard] = open_shard(self.layout.shards[shard])
+        while len(self._open) > self.OPEN_SHARDS:
+            self._open.popitem(last=False)[1].close()
+        return self._open[shard]
 
 
 def build_splits(config: DataSource, seed: int) -> DataSplits:

@@ -15,7 +15,7 @@ object storage alike; a few hundred large shards are not. The format:
   numbered in that order (empty when unlabelled);
 - rows follow the source's sorted (or listed) order; a shard holds about ``shard_bytes``
   of image bytes (default 256 MiB) in row groups of about ``row_group_bytes`` (default
-  1 MiB, small so that random access reads little more than the image it wants); the
+  1 MiB: random access reads the row group of the image it wants, not the shard); the
   ``image`` column is stored uncompressed (the images are compressed already).
 
 Writing (`pack_images`): the destination must be empty (or not exist) and must not lie
@@ -23,7 +23,7 @@ inside the source folder. Shards are written under hidden temporary names
 (``.part-00000.parquet.tmp``) and renamed only once every shard is complete, so an
 interrupted pack shows no ``part-*`` file at all, and a failed one removes its
 temporaries. With ``verify`` (the default) every file is decoded as training decodes it
-(`trainer.data.decode_rgb_bytes`); files that cannot be read or decoded are left out and
+(`trainer.data.rgb_pixels`, Pillow); files that cannot be read or decoded are left out and
 reported (their count, the first paths and reasons), never packed silently.
 ``verify=False`` packs the bytes unchecked (faster); training then counts the undecodable
 ones like any unreadable image (``data.max_unreadable_fraction``).
@@ -42,6 +42,7 @@ only ``index`` and ``label`` are read then, the image bytes later, a row group a
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -237,10 +238,11 @@ def _load_all(
 
 
 def _decoder() -> Callable[[bytes], object]:
-    # trainer.data imports this module (and torch): loaded only when verifying.
-    from trainer.data import decode_rgb_bytes
+    # trainer.data imports this module: imported on use. Its Pillow step alone, so that
+    # reader threads run no torch operation (whose own threads would oversubscribe).
+    from trainer.data import rgb_pixels
 
-    return decode_rgb_bytes
+    return lambda data: rgb_pixels(io.BytesIO(data))
 
 
 def _load(file: Path | str, check: Callable[[bytes], object] | None) -> tuple[bytes | None, str]:
@@ -373,7 +375,8 @@ class _ShardWriter:
         if not self._group["index"]:
             return
         if self._writer is None:
-            self.target.filesystem.create_dir(self.target.base, recursive=True)
+            if not self.target.is_object:  # object stores have no folders to make
+                self.target.filesystem.create_dir(self.target.base, recursive=True)
             temporary = f"{self.target.base}/.{shard_name(len(self.written))}.tmp"
             self.written.append(temporary)
             self._writer = pq.ParquetWriter(
@@ -405,7 +408,7 @@ class _ShardWriter:
 # --- reading ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PackLayout:
     """A pack's shards and where each row lives; the image bytes stay in the shards.
 
@@ -451,7 +454,8 @@ def is_pack(location: str | Path) -> bool:
 
 def _has_image_column(shard: str) -> bool:
     try:
-        return "image" in open_shard(shard).schema_arrow.names
+        with open_shard(shard) as handle:
+            return "image" in handle.schema_arrow.names
     except (OSError, pa.ArrowException):  # not Parquet: find_image_files says what it is
         return False
 
@@ -492,6 +496,8 @@ def _shards_of(location: str | Path) -> tuple[list[str], bool]:
         if not path.is_dir():
             return [str(path)], False
         shards = [str(entry) for entry in path.iterdir() if SHARD_NAME.match(entry.name)]
+        if not shards:
+            raise ValueError(f"pack {location}: no shards ({shard_name(0)}, ...) in the folder")
     number = {shard: _shard_number(shard) for shard in shards}
     ordered = sorted(shards, key=number.__getitem__)
     expected = list(range(len(ordered)))
@@ -523,12 +529,13 @@ def read_pack(location: str | Path) -> PackLayout:
     first = next_index = 0
     for number, shard in enumerate(shards):
         try:
-            handle = open_shard(shard)
-            _check_schema(shard, handle.schema_arrow)
-            table = handle.read(columns=["index", "label"])
+            with open_shard(shard) as handle:
+                schema, metadata = handle.schema_arrow, handle.metadata
+                _check_schema(shard, schema)
+                table = handle.read(columns=["index", "label"])
         except (OSError, pa.ArrowException) as error:
             raise ValueError(f"pack shard {shard} cannot be read as Parquet: {error}") from None
-        names = _class_names(shard, handle.schema_arrow.metadata)
+        names = _class_names(shard, schema.metadata)
         if class_names is None:
             class_names = names
         elif names != class_names:
@@ -543,11 +550,11 @@ def read_pack(location: str | Path) -> PackLayout:
                 f"pack shard {shard}: its index does not run {next_index}.."
                 f"{next_index + len(index) - 1} in order (a shard missing or out of place?)"
             )
-        for group in range(handle.metadata.num_row_groups):
+        for group in range(metadata.num_row_groups):
             starts.append(next_index)
             group_shards.append(number)
             group_numbers.append(group)
-            next_index += handle.metadata.row_group(group).num_rows
+            next_index += metadata.row_group(group).num_rows
         labels.append(table.column("label").to_numpy().astype(np.int64, copy=False))
     all_labels = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
     names = class_names or []
