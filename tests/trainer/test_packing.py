@@ -31,7 +31,13 @@ from tests.trainer.test_files import (
     unlabelled_folder,
 )
 from tests.trainer.test_object_store import BUCKET, s3, s3_config  # noqa: F401 (s3: a fixture)
-from trainer.data import PackedImages, UnreadableImagesError, build_splits, decode_rgb
+from trainer.data import (
+    PackedImages,
+    PackReadError,
+    UnreadableImagesError,
+    build_splits,
+    decode_rgb,
+)
 from trainer.loop import build_run, run_training
 from trainer.manifests import UNLABELLED
 from trainer.packing import CLASS_NAMES_KEY, pack_images, shard_name
@@ -205,7 +211,13 @@ def test_a_damaged_pack_is_refused_and_a_single_shard_reads(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="applies to a folder of images"):
         build_splits(files_config(tmp_path / "pack", pattern="*.png").data, seed=0)
 
+    # A shard that disappears under a built dataset is a damaged pack, not bad images.
+    whole = build_splits(files_config(tmp_path / "pack").data, seed=0).train
+    assert isinstance(whole, PackedImages)
     middle.rename(tmp_path / "aside.parquet")
+    with pytest.raises(PackReadError, match=rf"pack shard {middle}: row group 0 cannot be read"):
+        whole[first[0]]
+    assert whole.unreadable_count == 0
     with pytest.raises(ValueError, match=r"not numbered 0\.\.\d+ \(missing: part-00001"):
         build_run(files_config(tmp_path / "pack"))
     pq.write_table(pq.read_table(tmp_path / "aside.parquet").drop_columns(["image"]), middle)
