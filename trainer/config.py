@@ -153,10 +153,12 @@ class DataSource(_Section):
         None,
         description="Root of the data: a folder per class (imagefolder), the folder "
         "holding the CIFAR-10 binary batches (cifar10), or for files a folder searched "
-        "recursively or a manifest (.txt: a path per line; .csv: a path column, label "
-        "optional) whose paths are relative to it and stay inside its folder; for files "
-        "also s3://<bucket>/<prefix> (a prefix or a manifest object). Unused by digits "
-        f"and synthetic. Every component at most {MAX_PATH_COMPONENT_BYTES} bytes.",
+        "recursively, a manifest (.txt: a path per line; .csv or .parquet: a path column, "
+        "label optional) whose paths are relative to it and stay inside its folder, or a "
+        "packed dataset (`klssl data pack`: a folder of part-NNNNN.parquet shards, or one "
+        "shard); for files also s3://<bucket>/<prefix> (a prefix, a manifest object or a "
+        "pack). Unused by digits and synthetic. Every component at most "
+        f"{MAX_PATH_COMPONENT_BYTES} bytes.",
     )
     pattern: str | None = Field(
         None,

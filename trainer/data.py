@@ -1,6 +1,6 @@
 """Datasets, their train / held-out split, and the loaders that turn them into views.
 
-Four built-in kinds (docs/design.md section 3.1), none of which downloads anything:
+Five built-in kinds (docs/design.md section 3.1), none of which downloads anything:
 
 - ``digits``: scikit-learn's shipped 8x8 digits, grey replicated to RGB (kept at 8x8;
   the crops upscale).
@@ -9,6 +9,8 @@ Four built-in kinds (docs/design.md section 3.1), none of which downloads anythi
   ``root/train/<class>/<image>``), decoded lazily with Pillow.
 - ``cifar10``: the CIFAR-10 binary release (``data_batch_{1..5}.bin``, optional
   ``test_batch.bin``).
+- ``files``: own images, labels optional: under a folder, by a glob or listed in a
+  manifest (`trainer.manifests`), or packed into Parquet shards (`trainer.packing`).
 
 Every dataset item is ``(uint8 (3, H, W) tensor, int label)``. The held-out split is the
 last ``holdout_fraction`` of every class (sorted file order for folders, a seeded order
@@ -22,12 +24,17 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -37,7 +44,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from trainer.augment import MultiCropAugmentation, eval_transform
 from trainer.config import DataConfig, DatasetKind, DataSource
 from trainer.manifests import IMAGE_EXTENSIONS, find_image_files, is_image
-from trainer.object_store import read_object
+from trainer.object_store import is_object_uri, read_object
+from trainer.packing import PackLayout, is_pack, open_shard, read_pack
 
 Item = tuple[Tensor, int]
 """One image, uint8 (3, H, W), and its class index (`UNLABELLED` when it has none)."""
@@ -68,8 +76,8 @@ CIFAR10_RECORD = 1 + 3 * 32 * 32
 class DataSplits:
     """A dataset split into the images to train on and the labelled held-out images."""
 
-    train: TensorImages | ImageFiles
-    holdout: TensorImages | ImageFiles
+    train: TensorImages | EncodedImages
+    holdout: TensorImages | EncodedImages
     num_classes: int
     class_names: list[str]
 
@@ -115,9 +123,28 @@ def decode_rgb(path: Path | str) -> Tensor:
         OSError, ValueError, PIL.Image.DecompressionBombError: the file is not an image
             Pillow can decode.
     """
-    source = io.BytesIO(read_object(path)) if isinstance(path, str) else path
+    return _channels_first(
+        rgb_pixels(io.BytesIO(read_object(path)) if isinstance(path, str) else path)
+    )
+
+
+def decode_rgb_bytes(data: bytes) -> Tensor:
+    """An encoded image (a file's bytes) decoded exactly as `decode_rgb` decodes files."""
+    return _channels_first(rgb_pixels(io.BytesIO(data)))
+
+
+def rgb_pixels(source: Path | io.BytesIO) -> np.ndarray:
+    """The decoding step of `decode_rgb` alone (Pillow, no torch): uint8 (H, W, 3).
+
+    Raises:
+        OSError, ValueError, PIL.Image.DecompressionBombError: not an image Pillow
+            can decode.
+    """
     with Image.open(source) as image:
-        pixels = np.asarray(image.convert("RGB"))
+        return np.asarray(image.convert("RGB"))
+
+
+def _channels_first(pixels: np.ndarray) -> Tensor:
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -125,16 +152,75 @@ class UnreadableImagesError(ValueError):
     """More images cannot be decoded than ``data.max_unreadable_fraction`` allows."""
 
 
-class ImageFiles(Dataset[Item]):
-    """Image files decoded on access to uint8 RGB (3, H, W) tensors.
+class EncodedImages(Dataset[Item], ABC):
+    """Images stored encoded (files, packed bytes), decoded on access to uint8 RGB
+    (3, H, W) tensors, with one policy for images that cannot be decoded.
 
-    A file that cannot be decoded is logged with its path, flagged in ``unreadable`` and
-    replaced by the next readable file (its image and its label), so batches stay full
-    and every label stays true. The flags live in shared memory, one per file: loader
-    worker processes and later epochs count each file once. When more than
-    ``max_unreadable_fraction`` of the files are flagged, the access that finds one
-    more raises `UnreadableImagesError`: nothing is dropped silently.
+    Such an image is logged with its name, flagged in ``unreadable`` and replaced by the
+    next readable image (its pixels and its label), so batches stay full and every label
+    stays true. The flags live in shared memory, one per image: loader worker processes
+    and later epochs count each image once. When more than ``max_unreadable_fraction``
+    of the images are flagged, the access that finds one more raises
+    `UnreadableImagesError`: nothing is dropped silently.
     """
+
+    def __init__(self, size: int, max_unreadable_fraction: float) -> None:
+        self.max_unreadable_fraction = max_unreadable_fraction
+        self.unreadable = torch.zeros(size, dtype=torch.bool).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.unreadable)
+
+    def __getitem__(self, index: int) -> Item:
+        size = len(self)
+        for offset in range(size):
+            candidate = (index + offset) % size
+            if not self.unreadable[candidate]:
+                image = self._decode(candidate)
+                if image is not None:
+                    return image, self._label(candidate)
+        raise UnreadableImagesError(f"none of the {size} images can be decoded")
+
+    @property
+    def unreadable_count(self) -> int:
+        """Images found unreadable so far (by any loader worker)."""
+        return int(self.unreadable.sum())
+
+    @abstractmethod
+    def subset(self, indices: Sequence[int]) -> EncodedImages:
+        """The images at ``indices``, in that order (with flags of their own)."""
+
+    @abstractmethod
+    def _read(self, index: int) -> Tensor:
+        """Image ``index`` decoded (OSError, ValueError, DecompressionBombError: it cannot
+        be; anything else is not about the image and is not caught)."""
+
+    @abstractmethod
+    def _label(self, index: int) -> int:
+        """The label of image ``index``."""
+
+    @abstractmethod
+    def _name(self, index: int) -> str:
+        """Image ``index`` as the logs and errors name it."""
+
+    def _decode(self, index: int) -> Tensor | None:
+        try:
+            return self._read(index)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            self.unreadable[index] = True
+            count, total, name = self.unreadable_count, len(self), self._name(index)
+            log.warning("unreadable image %s (%s): replaced, %d of %d", name, error, count, total)
+            if count > self.max_unreadable_fraction * total:
+                raise UnreadableImagesError(
+                    f"{count} of {total} images cannot be decoded, more than "
+                    f"data.max_unreadable_fraction ({self.max_unreadable_fraction:g}) allows; "
+                    f"the latest: {name}: {error}"
+                ) from error
+            return None
+
+
+class ImageFiles(EncodedImages):
+    """Image files (paths, or ``s3://`` URIs) decoded on access (`EncodedImages`)."""
 
     def __init__(
         self,
@@ -144,43 +230,9 @@ class ImageFiles(Dataset[Item]):
     ) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
+        super().__init__(len(files), max_unreadable_fraction)
         self.files = list(files)
         self.labels = list(labels)
-        self.max_unreadable_fraction = max_unreadable_fraction
-        self.unreadable = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> Item:
-        for offset in range(len(self.files)):
-            candidate = (index + offset) % len(self.files)
-            if not self.unreadable[candidate]:
-                image = self._decode(candidate)
-                if image is not None:
-                    return image, self.labels[candidate]
-        raise UnreadableImagesError(f"none of the {len(self.files)} images can be decoded")
-
-    @property
-    def unreadable_count(self) -> int:
-        """Files found unreadable so far (by any loader worker)."""
-        return int(self.unreadable.sum())
-
-    def _decode(self, index: int) -> Tensor | None:
-        path = self.files[index]
-        try:
-            return decode_rgb(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            self.unreadable[index] = True
-            count, total = self.unreadable_count, len(self.files)
-            log.warning("unreadable image %s (%s): replaced, %d of %d", path, error, count, total)
-            if count > self.max_unreadable_fraction * total:
-                raise UnreadableImagesError(
-                    f"{count} of {total} images cannot be decoded, more than "
-                    f"data.max_unreadable_fraction ({self.max_unreadable_fraction:g}) allows; "
-                    f"the latest: {path}: {error}"
-                ) from error
-            return None
 
     def subset(self, indices: Sequence[int]) -> ImageFiles:
         """The files at ``indices``, in that order (with flags of their own)."""
@@ -189,6 +241,131 @@ class ImageFiles(Dataset[Item]):
             [self.labels[i] for i in indices],
             self.max_unreadable_fraction,
         )
+
+    def _read(self, index: int) -> Tensor:
+        return decode_rgb(self.files[index])
+
+    def _label(self, index: int) -> int:
+        return self.labels[index]
+
+    def _name(self, index: int) -> str:
+        return str(self.files[index])
+
+
+class PackReadError(RuntimeError):
+    """A shard of a pack cannot be read: the pack is damaged, not one image."""
+
+
+class PackedImages(EncodedImages):
+    """The images of a packed dataset (`trainer.packing`), decoded on access from their
+    bytes (`EncodedImages`: the same policy for undecodable ones as `ImageFiles`).
+
+    Holds only the pack's layout (labels and row group positions, a few bytes per row)
+    and the pack ``index`` of each of its rows. The image bytes are read a row group at
+    a time from shards each process opens itself (loader workers included: open files
+    and cached row groups are never pickled), keeping the last `CACHED_ROW_GROUPS` row
+    groups and `OPEN_SHARDS` shards (a large pack must not exhaust file descriptors).
+
+    Attributes for readers of the shards themselves (e.g. Ray Data): ``shards`` (paths or
+    ``s3://`` URIs, in order), ``rows`` (the pack ``index`` of each item, in order),
+    ``labels`` (each item's label) and ``class_names``.
+    """
+
+    CACHED_ROW_GROUPS = 4
+    OPEN_SHARDS = 16
+
+    def __init__(
+        self,
+        layout: PackLayout,
+        rows: Sequence[int] | np.ndarray | None = None,
+        max_unreadable_fraction: float = 0.0,
+    ) -> None:
+        everything = np.arange(layout.first, layout.first + len(layout), dtype=np.int64)
+        chosen = everything if rows is None else np.asarray(rows, dtype=np.int64)
+        outside = (chosen < layout.first) | (chosen >= layout.first + len(layout))
+        if chosen.ndim != 1 or outside.any():
+            raise ValueError(
+                f"rows must be pack indices in [{layout.first}, {layout.first + len(layout)})"
+            )
+        super().__init__(len(chosen), max_unreadable_fraction)
+        self.layout = layout
+        self._rows = chosen
+        self._open: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], pa.ChunkedArray] = OrderedDict()
+        self._pid = os.getpid()
+
+    @property
+    def shards(self) -> list[str]:
+        return list(self.layout.shards)
+
+    @property
+    def rows(self) -> list[int]:
+        return [int(row) for row in self._rows]
+
+    @property
+    def labels(self) -> list[int]:
+        return [int(label) for label in self.layout.labels[self._rows - self.layout.first]]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.layout.class_names)
+
+    def subset(self, indices: Sequence[int]) -> PackedImages:
+        """The items at ``indices``, in that order (with flags of their own)."""
+        chosen = self._rows[np.asarray(list(indices), dtype=np.int64)]
+        return PackedImages(self.layout, chosen, self.max_unreadable_fraction)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_open"], state["_groups"] = OrderedDict(), OrderedDict()
+        return state
+
+    def _read(self, index: int) -> Tensor:
+        shard, group, offset = self.layout.locate(int(self._rows[index]))
+        data = self._column(shard, group, "image")[offset].as_py()
+        return decode_rgb_bytes(data)
+
+    def _label(self, index: int) -> int:
+        return int(self.layout.labels[self._rows[index] - self.layout.first])
+
+    def _name(self, index: int) -> str:
+        row = int(self._rows[index])
+        shard, group, offset = self.layout.locate(row)
+        where = f"row {row} of {self.layout.shards[shard]}"
+        try:
+            return f"{self._column(shard, group, 'path')[offset].as_py()} ({where})"
+        except PackReadError:
+            return where
+
+    def _column(self, shard: int, group: int, column: str) -> pa.ChunkedArray:
+        """One column of a row group (image columns cached), read by this process."""
+        if self._pid != os.getpid():  # a forked loader worker: its own files and cache
+            self._open, self._groups, self._pid = OrderedDict(), OrderedDict(), os.getpid()
+        key = (shard, group)
+        if column == "image" and key in self._groups:
+            self._groups.move_to_end(key)
+            return self._groups[key]
+        path = self.layout.shards[shard]
+        try:
+            values = self._shard(shard).read_row_group(group, columns=[column]).column(column)
+        except (OSError, pa.ArrowException) as error:
+            raise PackReadError(
+                f"pack shard {path}: row group {group} cannot be read: {error}"
+            ) from error
+        if column == "image":
+            self._groups[key] = values
+            while len(self._groups) > self.CACHED_ROW_GROUPS:
+                self._groups.popitem(last=False)
+        return values
+
+    def _shard(self, shard: int) -> pq.ParquetFile:
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        self._open[shard] = open_shard(self.layout.shards[shard])
+        while len(self._open) > self.OPEN_SHARDS:
+            self._open.popitem(last=False)[1].close()
+        return self._open[shard]
 
 
 def build_splits(config: DataSource, seed: int) -> DataSplits:
@@ -339,25 +516,47 @@ def _imagefolder(config: DataSource, seed: int) -> DataSplits:
 
 
 def _files(config: DataSource, seed: int) -> DataSplits:
-    """Images anywhere under a folder (or a glob), or listed in a manifest.
+    """Images anywhere under a folder (or a glob), listed in a manifest, or packed.
 
     Without labels everything is trained on and nothing is held out (evaluation needs
-    ``eval.data``); with a manifest's labels the split is per class, as for imagefolder.
+    ``eval.data``); with labels (a manifest's, a labelled pack's) the split is per class,
+    as for imagefolder.
     """
-    del seed  # the split follows the sorted (or listed) order
+    del seed  # the split follows the sorted (or listed, or packed) order
     if config.path is None:
         raise ValueError("data.path is required for dataset kind 'files'")
+    if is_pack(config.path):
+        return _packed(config)
     found = find_image_files(config.path, config.pattern)
     if found.root is not None:  # local files; object keys were checked when listed
         check_confined(found.root, [Path(file) for file in found.files], what="files")
     dataset = ImageFiles(found.files, found.labels, config.max_unreadable_fraction)
-    if not found.class_names:
-        train = _cap(list(range(len(dataset))), found.labels, config.max_samples)
+    return _split_listed(dataset, found.labels, found.class_names, config)
+
+
+def _packed(config: DataSource) -> DataSplits:
+    """A packed dataset (`trainer.packing`): a folder of shards, or one shard."""
+    assert config.path is not None  # checked by the caller
+    if config.pattern is not None:
+        raise ValueError(f"data.pattern applies to a folder of images; {config.path} is a pack")
+    layout = read_pack(config.path)
+    location = str(config.path)
+    if not is_object_uri(location) and Path(location).is_dir():
+        check_confined(Path(location), [Path(shard) for shard in layout.shards], what="pack")
+    dataset = PackedImages(layout, max_unreadable_fraction=config.max_unreadable_fraction)
+    return _split_listed(dataset, layout.labels.tolist(), layout.class_names, config)
+
+
+def _split_listed(
+    dataset: EncodedImages, labels: list[int], names: list[str], config: DataSource
+) -> DataSplits:
+    """Unlabelled: everything to train on, nothing held out; labelled: the last
+    ``holdout_fraction`` of every class in listed order held out."""
+    if not names:
+        train = _cap(list(range(len(dataset))), labels, config.max_samples)
         return DataSplits(dataset.subset(train), dataset.subset([]), 0, [])
-    order = list(range(len(dataset)))
-    train, holdout = _per_class_split(found.labels, order, config.holdout_fraction)
-    train = _cap(train, [found.labels[i] for i in train], config.max_samples)
-    names = found.class_names
+    train, holdout = _per_class_split(labels, list(range(len(dataset))), config.holdout_fraction)
+    train = _cap(train, [labels[i] for i in train], config.max_samples)
     return DataSplits(dataset.subset(train), dataset.subset(holdout), len(names), names)
 
 

@@ -21,7 +21,13 @@ from torch.utils.data import DataLoader
 
 from trainer.checkpoint import restore_state
 from trainer.config import Precision, TrainConfig
-from trainer.data import DataSplits, ImageFiles, build_splits, make_eval_loader, make_train_loader
+from trainer.data import (
+    DataSplits,
+    EncodedImages,
+    build_splits,
+    make_eval_loader,
+    make_train_loader,
+)
 from trainer.engine import (
     TrainingState,
     build_optimizer,
@@ -313,7 +319,7 @@ def unreadable_images(run: Run) -> int | None:
     counted = getattr(run.train_loader, "unreadable_count", None)
     if counted is not None:
         return int(counted)
-    if isinstance(run.splits.train, ImageFiles):
+    if isinstance(run.splits.train, EncodedImages):
         return run.splits.train.unreadable_count
     return None
 

@@ -3,9 +3,12 @@
 - a folder: every image file (`IMAGE_EXTENSIONS`, case-insensitive) at any depth, hidden
   files and folders skipped, in sorted order; no labels;
 - a folder and ``data.pattern``: the files the glob matches (relative to the folder);
-- a manifest: ``.txt`` (one path per line; blank lines and ``#`` comments skipped) or
+- a manifest: ``.txt`` (one path per line; blank lines and ``#`` comments skipped),
   ``.csv`` (a header with a ``path`` column and optionally ``label``; labels are class
-  names, numbered in sorted order). Listed paths are relative to the manifest's folder;
+  names, numbered in sorted order) or ``.parquet`` (the same columns: ``path`` strings,
+  ``label`` strings or integers read as names). Listed paths are relative to the
+  manifest's folder; a ``.parquet`` with an ``image`` column is a packed dataset
+  (`trainer.packing`), not a manifest;
 - an ``s3://bucket/prefix``: the same, on object storage (`trainer.object_store`): the
   image objects under the prefix, or the manifest object it names. Listed keys must not
   leave the manifest's prefix (no ``..``, no absolute paths or URIs).
@@ -27,7 +30,7 @@ from trainer.object_store import is_object_uri, path_of, process_filesystem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 """File types read as images (decoded by Pillow, `trainer.data.decode_rgb`)."""
-MANIFEST_SUFFIXES = (".txt", ".csv")
+MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 UNLABELLED = -1
 """The label of an image without one."""
 SHOWN = 5
@@ -62,7 +65,7 @@ def find_image_files(location: str | Path, pattern: str | None = None) -> FoundI
         raise ValueError(
             f"files: {path} is neither a folder nor a manifest ({', '.join(MANIFEST_SUFFIXES)})"
         )
-    entries = _read_manifest(path.read_text(), path)
+    entries = _read_manifest(path.read_bytes(), path)
     return _from_entries(path, entries)
 
 
@@ -86,9 +89,14 @@ def _from_folder(root: Path, pattern: str | None) -> FoundImages:
     return FoundImages(root, files, [UNLABELLED] * len(files), [])
 
 
-def _read_manifest(text: str, name: str | Path) -> list[tuple[str, str | None]]:
-    """(path, label or None) of every entry of a ``.txt`` or ``.csv`` manifest's text."""
-    if str(name).lower().endswith(".txt"):
+def _read_manifest(data: bytes, name: str | Path) -> list[tuple[str, str | None]]:
+    """(path, label or None) of every entry of a ``.txt``, ``.csv`` or ``.parquet``
+    manifest's bytes."""
+    suffix = str(name).lower()
+    if suffix.endswith(".parquet"):
+        return _read_parquet(data, name)
+    text = data.decode()
+    if suffix.endswith(".txt"):
         lines = (line.strip() for line in text.splitlines())
         return [(line, None) for line in lines if line and not line.startswith("#")]
     return _read_csv(io.StringIO(text), name)
@@ -109,6 +117,45 @@ def _read_csv(handle: io.StringIO, path: str | Path) -> list[tuple[str, str | No
         if not file or (labelled and not label):
             raise ValueError(f"files: manifest {path} line {number}: empty path or label")
         entries.append((file, label))
+    return entries
+
+
+def _read_parquet(data: bytes, path: str | Path) -> list[tuple[str, str | None]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        manifest = pq.ParquetFile(pa.BufferReader(data))
+        columns = manifest.schema_arrow.names
+        if "image" in columns:
+            raise ValueError(
+                f"files: {path} is a packed dataset (it has an image column), not a manifest "
+                "of paths; point data.path at it as it is"
+            )
+        if "path" not in columns:
+            raise ValueError(
+                f"files: manifest {path} needs a 'path' column (found: {', '.join(columns)})"
+            )
+        labelled = "label" in columns
+        table = manifest.read(columns=["path", "label"] if labelled else ["path"])
+    except (OSError, pa.ArrowException) as error:
+        raise ValueError(f"files: manifest {path} cannot be read as Parquet: {error}") from None
+    if not pa.types.is_string(table.schema.field("path").type) and not pa.types.is_large_string(
+        table.schema.field("path").type
+    ):
+        raise ValueError(
+            f"files: manifest {path}: the path column holds {table.schema.field('path').type}, "
+            "not strings"
+        )
+    files = table.column("path").to_pylist()
+    labels = table.column("label").to_pylist() if labelled else [None] * len(files)
+    entries = []
+    for number, (file, label) in enumerate(zip(files, labels, strict=True)):
+        file = (file or "").strip()
+        name = None if label is None else str(label).strip()
+        if not file or (labelled and not name):
+            raise ValueError(f"files: manifest {path} row {number}: empty path or label")
+        entries.append((file, name))
     return entries
 
 
@@ -154,8 +201,8 @@ def _from_object_store(uri: str, pattern: str | None) -> FoundImages:
         if not base.lower().endswith(MANIFEST_SUFFIXES):
             raise ValueError(f"files: {uri} is neither a prefix nor a manifest")
         with filesystem.open_input_stream(base) as stream:
-            text = stream.read().decode()
-        return _from_object_entries(uri, _read_manifest(text, base))
+            data = stream.read()
+        return _from_object_entries(uri, _read_manifest(data, base))
     selector = pyarrow.fs.FileSelector(base, recursive=True, allow_not_found=True)
     keys = sorted(
         entry.path

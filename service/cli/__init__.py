@@ -1,15 +1,16 @@
 """The ``klssl`` command: `app`, assembled from its command modules.
 
 `service.cli.train` (``train``, ``eval``: in this process), `service.cli.client`
-(``submit``, ``status``, ``logs``, ``cancel``, ``list``, ``sweep``: the REST API) and
-`service.cli.stack` (``up``, ``down``: the local stack).
+(``submit``, ``status``, ``logs``, ``cancel``, ``list``, ``sweep``: the REST API),
+`service.cli.stack` (``up``, ``down``: the local stack) and `service.cli.data`
+(``data pack``: images into Parquet shards).
 """
 
 from __future__ import annotations
 
 import typer
 
-from service.cli import client, stack, train
+from service.cli import client, data, stack, train
 
 __all__ = ["app"]
 
@@ -22,3 +23,4 @@ app = typer.Typer(
 train.register(app)
 client.register(app)
 stack.register(app)
+data.register(app)

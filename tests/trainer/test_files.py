@@ -192,3 +192,44 @@ def test_bad_manifests_are_refused_before_training(tmp_path: Path) -> None:
         (folder / name).write_text(text)
         with pytest.raises(ValueError, match=reason):
             build_run(files_config(folder / name))
+
+
+def test_a_parquet_manifest_lists_paths_with_or_without_labels(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labelled_folder(tmp_path / "images", 40)
+    files = sorted((tmp_path / "images").rglob("*.png"))
+    listed = [str(f.relative_to(tmp_path)) for f in files]
+    digits = [int(f.parent.name) for f in files]
+    pq.write_table(pa.table({"path": listed, "label": digits}), tmp_path / "labelled.parquet")
+    splits = build_splits(files_config(tmp_path / "labelled.parquet").data, seed=0)
+    assert splits.class_names == [str(d) for d in range(10)]  # integers read as names
+    assert isinstance(splits.train, ImageFiles) and isinstance(splits.holdout, ImageFiles)
+    assert sorted(splits.train.files + splits.holdout.files) == files
+    for dataset in (splits.train, splits.holdout):
+        for file, label in zip(dataset.files, dataset.labels, strict=True):
+            assert splits.class_names[label] == file.parent.name
+
+    pq.write_table(pa.table({"path": listed[::-1]}), tmp_path / "paths.parquet")
+    splits = build_splits(files_config(tmp_path / "paths.parquet").data, seed=0)
+    assert isinstance(splits.train, ImageFiles) and splits.num_classes == 0
+    assert splits.train.files == files[::-1]  # the listed order
+
+    save_image(digit_images(1)[0][0], tmp_path / "outside.png")
+    (tmp_path / "m").mkdir()
+    cases = {
+        "escape.parquet": (pa.table({"path": ["../outside.png"]}), "1 entries resolve outside"),
+        "nopath.parquet": (pa.table({"file": ["x.png"]}), "needs a 'path' column"),
+        "numbers.parquet": (pa.table({"path": [1, 2]}), "path column holds int64"),
+        "empty.parquet": (pa.table({"path": pa.array([], pa.string())}), "lists no images"),
+        "blank.parquet": (pa.table({"path": ["../images/0/0000.png", None]}), "row 1: empty"),
+        "packed.parquet": (pa.table({"image": [b"x"]}), r"lacks the column\(s\) of a pack"),
+    }
+    for name, (table, reason) in cases.items():
+        pq.write_table(table, tmp_path / "m" / name)
+        with pytest.raises(ValueError, match=reason):
+            build_run(files_config(tmp_path / "m" / name))
+    (tmp_path / "m" / "text.parquet").write_text("path\nx.png\n")
+    with pytest.raises(ValueError, match="cannot be read as Parquet"):
+        build_run(files_config(tmp_path / "m" / "text.parquet"))

@@ -28,7 +28,13 @@ from typer.testing import CliRunner
 from tests import factories
 from tests.trainer.test_files import digit_images
 from trainer.config import TrainConfig
-from trainer.data import ImageFiles, TensorImages, UnreadableImagesError, build_splits
+from trainer.data import (
+    ImageFiles,
+    PackedImages,
+    TensorImages,
+    UnreadableImagesError,
+    build_splits,
+)
 from trainer.distributed.cluster import Placement, check_cluster_capacity, plan_placement
 from trainer.distributed.errors import InsufficientResourcesError
 from trainer.distributed.launcher import launch_training
@@ -39,6 +45,7 @@ from trainer.distributed.ray_data import (
     source_table,
     train_dataset,
 )
+from trainer.packing import pack_images
 
 pytestmark = pytest.mark.slow
 
@@ -248,3 +255,20 @@ def test_in_memory_images_stream_as_views(cluster: Any) -> None:
     sizes = [config.data.global_crop_size] * 2 + [config.data.local_crop_size] * 2
     for view, size in enumerate(sizes):
         assert {row[f"view_{view}"].shape for row in rows} == {(3, size, size)}
+
+
+def test_a_packed_split_streams_from_its_shards(cluster: Any, tmp_path: Path) -> None:
+    manifest = labelled_manifest(tmp_path / "images", 40, corrupt=1)
+    pack_images(manifest, tmp_path / "packed", verify=False, shard_bytes=4096)
+    config = ray_config(tmp_path / "packed")
+    train = build_splits(config.data, seed=0).train
+    assert isinstance(train, PackedImages) and len(train.shards) > 1
+    rows = train_dataset(config).take_all()
+    # Every training image once (held-out rows dropped), with its own label, and the
+    # corrupt one (pack index 0, trained on) flagged where it was replaced.
+    assert sorted(row["id"] for row in rows) == list(range(len(train)))
+    flagged = [row for row in rows if row["unreadable"]]
+    assert [train.rows[row["id"]] for row in flagged] == [0]
+    for row in rows:
+        if not row["unreadable"]:
+            assert row["label"] == train.labels[row["id"]]

@@ -1,14 +1,16 @@
 """Training batches streamed through Ray Data (``data.loader: ray``).
 
 The driver turns the training split into a Ray Dataset (`train_dataset`): one row per
-image (``id``, ``label`` and the image's ``path``, encoded ``image`` bytes or decoded
-``pixels``), in a seeded random order, in small blocks whose order Ray reshuffles every
-epoch. `make_views` decodes and augments a batch of rows in a Ray Data task, which Ray
-schedules on any node with a free CPU (CPU-only nodes can augment for GPU workers).
-Ray Train splits the stream among the workers (``streaming_split(equal=True)``: every
-image once per epoch, the same count per worker), and each worker reads its shard
-through a `ShardLoader`, which yields the ``(views, labels)`` batches of the torch
-DataLoader path and mixes rows from different blocks in a local shuffle buffer.
+image (``id``, ``label`` and the image's ``path``, or its decoded ``pixels``), in a
+seeded random order, in small blocks whose order Ray reshuffles every epoch; a packed
+split (`trainer.packing`) is read from its Parquet shards instead (encoded ``image``
+bytes), the shards in a new order every epoch. `make_views` decodes and augments a
+batch of rows in a Ray Data task, which Ray schedules on any node with a free CPU
+(CPU-only nodes can augment for GPU workers). Ray Train splits the stream among the
+workers (``streaming_split(equal=True)``: every image once per epoch, the same count
+per worker), and each worker reads its shard through a `ShardLoader`, which yields the
+``(views, labels)`` batches of the torch DataLoader path and mixes rows from different
+blocks in a local shuffle buffer.
 
 What differs from ``data.loader: torch``:
 
@@ -45,13 +47,15 @@ from trainer.augment import MultiCropAugmentation
 from trainer.config import DataConfig, TrainConfig
 from trainer.data import (
     ImageFiles,
+    PackedImages,
     TensorImages,
     UnreadableImagesError,
     build_splits,
     decode_rgb,
+    decode_rgb_bytes,
     mix_seed,
 )
-from trainer.object_store import is_object_uri
+from trainer.object_store import is_object_uri, path_of, s3_filesystem
 
 TRAIN_DATASET = "train"
 """The name of the training dataset in the TorchTrainer (``get_dataset_shard``)."""
@@ -73,17 +77,21 @@ def train_dataset(config: TrainConfig) -> ray.data.Dataset:
     global views first).
     """
     seed = config.runtime.seed
-    splits = build_splits(config.data, seed=seed)
-    table = source_table(splits.train, seed)
-    blocks = max(1, -(-table.num_rows // ROWS_PER_BLOCK))
-    return (
-        ray.data.from_arrow(table, override_num_blocks=blocks)
-        .randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-        .map_batches(
-            functools.partial(make_views, data=config.data.model_dump(mode="json"), seed=seed),
-            batch_size=VIEW_BATCH,
-            batch_format="numpy",
-        )
+    train = build_splits(config.data, seed=seed).train
+    if isinstance(train, PackedImages):
+        rows = packed_rows(train)
+    elif isinstance(train, TensorImages | ImageFiles):
+        table = source_table(train, seed)
+        blocks = max(1, -(-table.num_rows // ROWS_PER_BLOCK))
+        rows = ray.data.from_arrow(table, override_num_blocks=blocks)
+    else:
+        raise TypeError(f"data.loader 'ray' cannot read {type(train).__name__}")
+    return rows.randomize_block_order(
+        seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    ).map_batches(
+        functools.partial(make_views, data=config.data.model_dump(mode="json"), seed=seed),
+        batch_size=VIEW_BATCH,
+        batch_format="numpy",
     )
 
 
@@ -100,6 +108,47 @@ def source_table(dataset: TensorImages | ImageFiles, seed: int) -> pa.Table:
         columns["label"] = pa.array(dataset.labels.numpy()[order])
         columns["pixels"] = ArrowTensorArray.from_numpy(dataset.images.numpy()[order])
     return pa.table(columns)
+
+
+def packed_rows(dataset: PackedImages) -> ray.data.Dataset:
+    """The rows of a packed split (`trainer.packing`), read from its Parquet shards:
+    ``id`` (the position in the split), ``label`` and the encoded ``image``.
+
+    Ray Data reads the shards in a new random order every epoch (``shuffle="files"``);
+    rows outside the split (a labelled pack's held-out images) are dropped as read.
+    """
+    shards = dataset.shards
+    remote = is_object_uri(shards[0])
+    read = ray.data.read_parquet(
+        [path_of(shard) for shard in shards] if remote else shards,
+        filesystem=s3_filesystem() if remote else None,
+        columns=["index", "image"],
+        shuffle="files",
+    )
+    rows = np.asarray(dataset.rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    return read.map_batches(
+        functools.partial(
+            _select_rows,
+            sorted_rows=rows[order],
+            positions=order,
+            labels=np.asarray(dataset.labels, dtype=np.int64)[order],
+        ),
+        batch_format="numpy",
+    )
+
+
+def _select_rows(
+    batch: dict[str, np.ndarray], sorted_rows: np.ndarray, positions: np.ndarray, labels: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The rows of ``batch`` whose pack ``index`` is in the split, as split rows."""
+    where = np.searchsorted(sorted_rows, batch["index"]).clip(max=len(sorted_rows) - 1)
+    inside = sorted_rows[where] == batch["index"]
+    return {
+        "id": positions[where[inside]],
+        "label": labels[where[inside]],
+        "image": batch["image"][inside],
+    }
 
 
 def make_views(batch: dict[str, np.ndarray], data: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -142,11 +191,16 @@ def _decode(batch: dict[str, np.ndarray]) -> tuple[list[Tensor | None], np.ndarr
         pixels = [torch.from_numpy(np.ascontiguousarray(image)) for image in batch["pixels"]]
         return list(pixels), np.zeros(len(pixels), dtype=bool)
     images: list[Tensor | None] = []
-    for path in batch["path"]:
+    for row in range(len(batch["id"])):
         try:
-            images.append(decode_rgb(str(path) if is_object_uri(str(path)) else Path(path)))
+            if "image" in batch:
+                images.append(decode_rgb_bytes(batch["image"][row]))
+            else:
+                path = str(batch["path"][row])
+                images.append(decode_rgb(path if is_object_uri(path) else Path(path)))
         except (OSError, ValueError, Image.DecompressionBombError) as error:
-            log.warning("unreadable image %s (%s): replaced", path, error)
+            where = batch["path"][row] if "path" in batch else f"row {batch['id'][row]}"
+            log.warning("unreadable image %s (%s): replaced", where, error)
             images.append(None)
     return images, np.array([image is None for image in images], dtype=bool)
 
