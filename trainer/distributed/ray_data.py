@@ -79,7 +79,7 @@ def train_dataset(config: TrainConfig) -> ray.data.Dataset:
     seed = config.runtime.seed
     train = build_splits(config.data, seed=seed).train
     if isinstance(train, PackedImages):
-        rows = packed_rows(train)
+        rows = packed_rows(train, seed)
     elif isinstance(train, TensorImages | ImageFiles):
         table = source_table(train, seed)
         blocks = max(1, -(-table.num_rows // ROWS_PER_BLOCK))
@@ -110,12 +110,15 @@ def source_table(dataset: TensorImages | ImageFiles, seed: int) -> pa.Table:
     return pa.table(columns)
 
 
-def packed_rows(dataset: PackedImages) -> ray.data.Dataset:
+def packed_rows(dataset: PackedImages, seed: int) -> ray.data.Dataset:
     """The rows of a packed split (`trainer.packing`), read from its Parquet shards:
     ``id`` (the position in the split), ``label`` and the encoded ``image``.
 
-    Ray Data reads the shards in a new random order every epoch (``shuffle="files"``);
-    rows outside the split (a labelled pack's held-out images) are dropped as read.
+    Rows outside the split (a labelled pack's held-out images) are dropped as read, and
+    the rest are shuffled over the cluster every epoch: a pack keeps its source's order
+    (often by class or by folder), and batches drawn from a few consecutive rows would
+    bias the batch statistics the objective relies on. That exchanges the image bytes
+    once per epoch, which Ray Data streams.
     """
     shards = dataset.shards
     remote = is_object_uri(shards[0])
@@ -123,11 +126,10 @@ def packed_rows(dataset: PackedImages) -> ray.data.Dataset:
         [path_of(shard) for shard in shards] if remote else shards,
         filesystem=s3_filesystem() if remote else None,
         columns=["index", "image"],
-        shuffle="files",
     )
     rows = np.asarray(dataset.rows, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
-    return read.map_batches(
+    selected = read.map_batches(
         functools.partial(
             _select_rows,
             sorted_rows=rows[order],
@@ -136,6 +138,7 @@ def packed_rows(dataset: PackedImages) -> ray.data.Dataset:
         ),
         batch_format="numpy",
     )
+    return selected.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
 
 
 def _select_rows(
