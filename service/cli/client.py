@@ -152,12 +152,14 @@ def create(
     overridden: str | None,
     name: str | None,
     idempotency_key: str | None,
+    extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """POST the config file at ``path`` (with ``--set`` overrides) to ``route``.
 
     Args:
         overridden: the key of the config the overrides apply to (a sweep's ``base``), or
             None for the config itself.
+        extra: more body fields (a training job's model registration).
     """
     try:
         raw = read_config_file(path)
@@ -169,7 +171,7 @@ def create(
         console.print(f"[red]{error}[/]")
         raise typer.Exit(2) from None
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    body: dict[str, Any] = {"config": raw} | ({"name": name} if name else {})
+    body: dict[str, Any] = {"config": raw} | ({"name": name} if name else {}) | (extra or {})
     created: dict[str, Any] = check(http.post(route, json=body, headers=headers))
     return created
 
@@ -185,12 +187,21 @@ def submit(
         str | None, typer.Option(help="Retry-safe key: the same key returns the same job.")
     ] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow until it ends.")] = False,
+    register_as: Annotated[
+        str | None,
+        typer.Option(help="Register the trained backbone in MLflow under this model name."),
+    ] = None,
+    alias: Annotated[
+        str | None, typer.Option(help="Alias of the registered version (with --register-as).")
+    ] = None,
     url: Url = None,
     token: Token = None,
 ) -> None:
     """Submit CONFIG as a job to the service (it is validated there)."""
+    registration = {"register_as": register_as, "register_alias": alias}
+    extra = {key: value for key, value in registration.items() if value is not None}
     with client(url, token) as http:
-        job = create(http, "/v1/jobs", config_path, overrides, None, name, idempotency_key)
+        job = create(http, "/v1/jobs", config_path, overrides, None, name, idempotency_key, extra)
         typer.echo(job["id"])
         if follow:
             job = follow_job(http, job["id"])

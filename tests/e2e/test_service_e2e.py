@@ -134,7 +134,12 @@ def test_ready_with_every_dependency(stack: Stack) -> None:
 
 def test_a_job_survives_an_api_restart_and_succeeds_with_mlflow_metrics(stack: Stack) -> None:
     with api(stack) as http:
-        created = http.post("/v1/jobs", json={"config": tiny_config("e2e-success")})
+        body = {
+            "config": tiny_config("e2e-success"),
+            "register_as": "e2e-backbone",
+            "register_alias": "champion",
+        }
+        created = http.post("/v1/jobs", json=body)
         assert created.status_code == 202, created.text
         job_id = created.json()["id"]
         run_id = created.json()["mlflow_run_id"]
@@ -154,8 +159,11 @@ def test_a_job_survives_an_api_restart_and_succeeds_with_mlflow_metrics(stack: S
         with http.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}) as stream:
             events = stream.read().decode()
         assert "event: log" in events and '"state": "SUCCEEDED"' in events
-    run = MlflowClient(stack.mlflow_url).get_run(run_id)
+    client = MlflowClient(stack.mlflow_url)
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
+    # Registered over REST as --register-as does: the version is this run's backbone.
+    assert client.get_model_version_by_alias("e2e-backbone", "champion").run_id == run_id
     assert run.data.tags["klssl.job_id"] == job_id
     assert "knn_top1" in run.data.metrics
     assert stack.ray_client().get_job_status(f"klssl-{job_id}").value == "SUCCEEDED"

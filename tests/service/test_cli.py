@@ -48,6 +48,19 @@ def test_submit_status_list_logs_and_cancel(
     record = services.store.get(job_id)
     assert record is not None and record.config.schedule.epochs == 3
 
+    registering = runner.invoke(
+        klssl, ["submit", str(config_file), "--register-as", "cli-backbone", "--alias", "best"]
+    )
+    assert registering.exit_code == 0, registering.output
+    registered = services.store.get(registering.stdout.strip())
+    assert registered is not None
+    assert registered.spec.registration().model_dump() == {
+        "register_as": "cli-backbone",
+        "register_alias": "best",
+    }
+    orphan_alias = runner.invoke(klssl, ["submit", str(config_file), "--alias", "best"])
+    assert orphan_alias.exit_code != 0 and "register_alias needs register_as" in orphan_alias.output
+
     status = runner.invoke(klssl, ["status", job_id])
     assert status.exit_code == 0 and json.loads(status.stdout)["state"] == "QUEUED"
     listed = runner.invoke(klssl, ["list", "--state", "queued"])
