@@ -1,8 +1,10 @@
 """Dispatcher and reconciler: the loop that moves records along with Ray.
 
 Ray's Jobs API has no queue, so jobs wait QUEUED in the store until fewer than
-``max_concurrent_jobs`` are PENDING or RUNNING and Ray answers; then they are submitted
-under a submission id derived from the job id (a retry never makes a second Ray job).
+``max_concurrent_jobs`` are PENDING or RUNNING, their owner's quota (`service.quotas`)
+has room and Ray answers; they are taken by priority, then age, and submitted under a
+submission id derived from the job id (a retry never makes a second Ray job). A job
+left waiting carries the reason on its record (``queue_reason``).
 Every round also asks Ray for the state of each active job, copies it into the record,
 and reads progress from MLflow. A job Ray no longer knows (the head node restarted)
 becomes FAILED with that reason instead of staying RUNNING forever.
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.job_kinds import KINDS, kind_of_job
+from service.quotas import Demand, Usage, demand_of, over_quota, quota_for, usage_by_owner
 from service.ray_jobs import (
     RayJobNotFoundError,
     RayJobsClient,
@@ -96,13 +99,30 @@ class Dispatcher:
         self.dispatch()
 
     def dispatch(self) -> int:
-        """Submit queued jobs while there is capacity; returns how many were submitted."""
-        queued = self.store.in_states([JobState.QUEUED])
+        """Submit queued jobs, highest priority first, then oldest, while there are free
+        slots; a job whose owner is at its quota is passed over (lower priorities of other
+        owners may go first). Every job left waiting gets the reason on its record.
+        Returns how many were submitted."""
+        queued = self.store.queued_in_order()
         if not queued:
             return 0
-        active = len(self.store.in_states(list(ACTIVE_STATES)))
+        active = self.store.in_states(list(ACTIVE_STATES))
+        usage = usage_by_owner((job.owner, self._demand(job)) for job in active)
+        free = self.settings.max_concurrent_jobs - len(active)
         submitted = 0
-        for job in queued[: max(0, self.settings.max_concurrent_jobs - active)]:
+        for job in queued:
+            if free <= 0:
+                self._wait(job, f"no free slot: {self.settings.max_concurrent_jobs} job(s) "
+                           "run at once (max_concurrent_jobs)")  # fmt: skip
+                continue
+            demand = self._demand(job)
+            owner_usage = usage.setdefault(job.owner, Usage())
+            reason = over_quota(
+                quota_for(self.settings.quotas, job.owner), job.owner, owner_usage, demand
+            )
+            if reason is not None:
+                self._wait(job, reason)
+                continue
             try:
                 self._submit(job)
             except RayUnavailableError as error:
@@ -113,8 +133,18 @@ class Dispatcher:
                 self._finish(job, JobState.FAILED, f"submission to Ray failed: {error}")
                 continue
             self.ray_reachable = True
+            owner_usage.add(demand)
+            free -= 1
             submitted += 1
         return submitted
+
+    def _demand(self, job: Job) -> Demand:
+        return demand_of(job.config, self.settings.cluster_has_gpus)
+
+    def _wait(self, job: Job, reason: str) -> None:
+        """Record why a queued job waits (written only when it changes)."""
+        if job.queue_reason != reason:
+            self.store.update(job.id, queue_reason=reason)
 
     def _ray_down(self, message: str) -> None:
         """Remember that Ray is down; warn once per outage, not every round."""
@@ -126,7 +156,11 @@ class Dispatcher:
         """QUEUED -> SUBMITTING -> PENDING, each a compare-and-set against a cancel."""
         sid = submission_id(job.id)
         claimed = self.store.transition(
-            job.id, JobState.SUBMITTING, expected={JobState.QUEUED}, ray_submission_id=sid
+            job.id,
+            JobState.SUBMITTING,
+            expected={JobState.QUEUED},
+            ray_submission_id=sid,
+            queue_reason=None,
         )
         if claimed.job_state is not JobState.SUBMITTING:
             return  # cancelled between our read of the queue and now: never reaches Ray

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.job_kinds import kind_of, kind_of_job
+from service.quotas import demand_of, never_fits, quota_for
 from service.ray_jobs import RayJobNotFoundError, RayJobsClient, RayUnavailableError
 from service.settings import Settings
 from service.store import (
@@ -67,12 +68,14 @@ def request_hash(
     name: str | None,
     tags: dict[str, str],
     registration: Registration | None = None,
+    priority: int = 0,
 ) -> str:
-    """SHA-256 of what a request asks for (kind, validated config, name, tags, and the
-    model registration of a training job)."""
+    """SHA-256 of what a request asks for (kind, validated config, name, tags, priority,
+    and the model registration of a training job)."""
     canonical = json.dumps(
         {"kind": kind.value, "config": config.model_dump(mode="json"), "name": name,
-         "tags": tags, **(registration.model_dump() if registration else {})},
+         "tags": tags, "priority": priority,
+         **(registration.model_dump() if registration else {})},
         sort_keys=True, separators=(",", ":"),
     )  # fmt: skip
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -137,11 +140,13 @@ def submit_job(
     tags: dict[str, str],
     idempotency_key: str | None,
     registration: Registration | None = None,
+    priority: int = 0,
 ) -> Accepted:
     """Record a QUEUED job (or sweep) with its MLflow run, or the job of a repeated key.
 
     ``registration`` (training jobs) travels in the spec to the driver, which registers
-    the exported backbone under that name when the run ends.
+    the exported backbone under that name when the run ends. ``priority`` orders the
+    queue; a job that could never fit its owner's quota (`service.quotas`) is refused.
 
     A sweep's run is the parent run of its trials, tagged with the sweep id (the job id).
     An Idempotency-Key is bound to its owner, the kind of job and the request: the same
@@ -151,12 +156,16 @@ def submit_job(
         InvalidJobError: the config cannot run here, or the key was used for another request.
     """
     info = kind_of(config)
-    fingerprint = request_hash(info.kind, config, name, tags, registration)
+    fingerprint = request_hash(info.kind, config, name, tags, registration, priority)
     if idempotency_key is not None:
         existing = store.by_idempotency_key(owner, idempotency_key)
         if existing is not None:
             return Accepted(replay_of(existing, info.kind, fingerprint), replayed=True)
     config = checked(config, settings.allowed_data_roots, settings.allowed_data_uris)
+    quota = quota_for(settings.quotas, owner)
+    refused = never_fits(quota, config, demand_of(config, settings.cluster_has_gpus))
+    if refused is not None:
+        raise InvalidJobError([(("body", "config"), f"beyond the owner's quota: {refused}")])
     job_id = new_job_id()
     run_tags = {**tags, JOB_ID_TAG: job_id, OWNER_TAG: owner}
     run_tags |= info.run_tags(job_id)
@@ -195,6 +204,7 @@ def submit_job(
         progress_metrics={},
         checkpoint_uris=[],
         cancel_requested=False,
+        priority=priority,
     )
     try:
         store.add(job)

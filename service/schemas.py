@@ -82,6 +82,17 @@ UserTags = Annotated[
 """Free-form tags: bounded, and never one of klssl's or MLflow's own."""
 
 
+Priority = Annotated[
+    int,
+    Field(
+        ge=-1000,
+        le=1000,
+        description="Higher runs first among queued jobs and sweeps; equal priorities run "
+        "oldest first.",
+    ),
+]
+
+
 class JobCreate(RequestBody, Registration):
     """A training job to run: a TrainConfig plus an optional display name, tags and the
     model name (and alias) to register its backbone under."""
@@ -94,6 +105,7 @@ class JobCreate(RequestBody, Registration):
         default_factory=dict,
         description="Free-form tags, also set on the MLflow run (not klssl.* or mlflow.*).",
     )
+    priority: Priority = 0
 
 
 class JobProgress(BaseModel):
@@ -137,6 +149,10 @@ class JobOut(BaseModel):
     progress: JobProgress
     error: str | None = Field(None, description="Why it failed or was cancelled.")
     checkpoint_uris: list[str] = Field(description="Checkpoints kept, oldest first.")
+    priority: int = Field(0, description="Higher runs first among queued jobs.")
+    queue_reason: str | None = Field(
+        None, description="Why a QUEUED job still waits: no free slot, or its owner's quota."
+    )
     register_as: str | None = Field(
         None, description="The model name its backbone is registered under when it succeeds."
     )
@@ -178,6 +194,8 @@ class JobOut(BaseModel):
             ),
             error=job.error,
             checkpoint_uris=list(job.checkpoint_uris or []),
+            priority=job.priority or 0,
+            queue_reason=job.queue_reason if job.job_state is JobState.QUEUED else None,
             **(
                 job.spec.registration() if isinstance(job.spec, TrainJobSpec) else Registration()
             ).model_dump(),
@@ -234,6 +252,7 @@ class SweepCreate(RequestBody):
         default_factory=dict,
         description="Free-form tags, also set on the parent MLflow run (not klssl.* or mlflow.*).",
     )
+    priority: Priority = 0
 
 
 class TrialOut(BaseModel):

@@ -13,6 +13,8 @@ from typing import Literal, Self
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.quotas import Quota
+
 # The example secrets of `.env.example` and `deploy/k8s` (one list, checked by the tests in
 # tests/deploy): a production service refuses to start with any of them.
 PLACEHOLDER_SECRETS = (
@@ -116,6 +118,19 @@ class Settings(BaseSettings):
         description="A live log stream ends after this many seconds (reconnect to go on).",
     )
     max_concurrent_jobs: int = Field(2, ge=1, description="Jobs submitted to Ray at once.")
+    quotas: dict[str, Quota] = Field(
+        default_factory=dict,
+        max_length=10_000,
+        description="Per-owner quotas of what their active jobs hold together, in Ray "
+        'resources: owner -> {"jobs": N, "cpus": N, "gpus": N} (each optional), "*" for '
+        "every owner without one. A job beyond its owner's quota waits QUEUED with the "
+        "reason on its record; one that could never fit is refused (422).",
+    )
+    cluster_has_gpus: bool = Field(
+        False,
+        description="The Ray cluster has GPUs: jobs with runtime.device auto then count one "
+        "GPU per worker against quotas (as they will use one).",
+    )
     dispatch_interval_s: float = Field(
         2.0, gt=0, description="Seconds between dispatcher/reconciler rounds."
     )

@@ -147,6 +147,10 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     checkpoint_uris: Mapped[list[str]] = mapped_column(JSON, default=list)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0", index=True)
+    """Higher runs first; equal priorities run oldest first."""
+    queue_reason: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    """Why a QUEUED job is still waiting (capacity, its owner's quota); None otherwise."""
 
     @property
     def config(self) -> TrainConfig | SweepConfig:
@@ -332,6 +336,16 @@ class JobStore:
             select(Job)
             .where(Job.state.in_([state.value for state in states]))
             .order_by(Job.created_at, Job.id)
+        )
+        with self._sessions() as session:
+            return list(session.scalars(query).all())
+
+    def queued_in_order(self) -> list[Job]:
+        """QUEUED jobs in dispatch order: highest priority first, then oldest first."""
+        query = (
+            select(Job)
+            .where(Job.state == JobState.QUEUED.value)
+            .order_by(Job.priority.desc(), Job.created_at, Job.id)
         )
         with self._sessions() as session:
             return list(session.scalars(query).all())

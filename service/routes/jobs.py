@@ -67,6 +67,7 @@ async def create_job(
         settings,
         idempotency_key,
         registration=body.registration(),
+        priority=body.priority,
     )
     if isinstance(accepted, JSONResponse):
         return accepted

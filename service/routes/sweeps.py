@@ -81,7 +81,15 @@ async def create_sweep(
 ) -> SweepOut | JSONResponse:
     """Accept a sweep: recorded QUEUED with its parent MLflow run, then dispatched to Ray."""
     accepted = await accept(
-        body.config, body.name, body.tags, owner.owner, store, tracking, settings, idempotency_key
+        body.config,
+        body.name,
+        body.tags,
+        owner.owner,
+        store,
+        tracking,
+        settings,
+        idempotency_key,
+        priority=body.priority,
     )
     if isinstance(accepted, JSONResponse):
         return accepted
