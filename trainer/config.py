@@ -78,6 +78,7 @@ PATH_KINDS = ("imagefolder", "cifar10", "files")
 """Dataset kinds read from ``data.path``."""
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
+AugmentDevice = Literal["auto", "cpu", "cuda", "device"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 SMALL_IMAGE_BLUR_LIMIT = 64
@@ -246,6 +247,15 @@ class DataConfig(DataSource):
     batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE, description="Images per worker per step.")
     loader_workers: int = Field(
         0, ge=0, le=MAX_LOADER_WORKERS, description="DataLoader worker processes."
+    )
+    augment_device: AugmentDevice = Field(
+        "auto",
+        description="Where the training views are made. cpu: in the DataLoader workers, "
+        "image by image; cuda: on the CUDA training device, batched (the workers only "
+        "decode images and draw the views' random parameters); device: on the training "
+        "device whatever it is (on a CPU run: in the training process); auto: cuda when "
+        "the training device is CUDA, else cpu. All draw the same parameters from the "
+        "same seed and render the same views up to float rounding.",
     )
 
     @field_validator("global_crop_scale", "local_crop_scale")
@@ -502,6 +512,16 @@ class TrainConfig(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _augmentation_on_a_cuda_device(self) -> Self:
+        if self.data.augment_device == "cuda" and self.runtime.device == "cpu":
+            raise ValueError(
+                "data.augment_device 'cuda' needs a CUDA training device but runtime.device "
+                "is 'cpu': set data.augment_device to auto, cpu or device, or runtime.device "
+                "to auto or cuda"
+            )
+        return self
 
     def to_json(self) -> str:
         """The canonical JSON form (what travels to workers and sits beside checkpoints)."""
