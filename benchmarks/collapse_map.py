@@ -232,7 +232,10 @@ def long_tail(run: Run, ratio: float) -> Run:
         cut(run.splits.train), cut(run.splits.holdout), classes, run.splits.class_names
     )
     config = run.config
-    loader = make_train_loader(splits.train, config.data, seed=config.runtime.seed)
+    augment_on = None if run.augment is None else run.augment.device
+    loader = make_train_loader(
+        splits.train, config.data, seed=config.runtime.seed, augment_on=augment_on
+    )
     schedules = Schedules(config, steps_per_epoch=len(loader), global_batch=config.data.batch_size)
     return dataclasses.replace(
         run, splits=splits, evaluation=splits, train_loader=loader, schedules=schedules

@@ -183,6 +183,18 @@ class MultiCropAugmentation:
         source = channels_last(image)
         return self.global_views(source, generator) + self.local_views(source, generator)
 
+    def sample(
+        self, height: int, width: int, generator: torch.Generator | None = None
+    ) -> list[ViewParams]:
+        """The parameters of the views of a ``height`` x ``width`` image, global ones first.
+
+        The same draws, from the same generator state, as calling this augmentation on
+        such an image (`trainer.augment_device` renders them on a device).
+        """
+        return self.global_views.sample(height, width, generator) + self.local_views.sample(
+            height, width, generator
+        )
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(global={self.num_global_crops}x"
@@ -244,19 +256,27 @@ class ViewRenderer:
         """Normalised float32 (3, size, size) views of a channels-last source image."""
         if not self.count:
             return []
-        params = sample_view_params(
-            source.shape[-2],
-            source.shape[-1],
+        params = self.sample(source.shape[-2], source.shape[-1], generator)
+        views: list[Tensor] = []
+        for start in range(0, len(params), self.batch):
+            views += self.render(source, params[start : start + self.batch]).unbind(0)
+        return views
+
+    def sample(
+        self, height: int, width: int, generator: torch.Generator | None = None
+    ) -> list[ViewParams]:
+        """Random parameters of this kind's views of a ``height`` x ``width`` image."""
+        if not self.count:
+            return []  # draws nothing: the generator's state is left as it is
+        return sample_view_params(
+            height,
+            width,
             scale=self.scale,
             blur_p=self.blur_p,
             solarize_p=self.solarize_p,
             jitter_ranges=self.jitter_ranges,
             generator=generator,
         )
-        views: list[Tensor] = []
-        for start in range(0, len(params), self.batch):
-            views += self.render(source, params[start : start + self.batch]).unbind(0)
-        return views
 
     def render(self, source: Tensor, params: Sequence[ViewParams]) -> Tensor:
         """The views given by ``params``, as a normalised float32 (N, 3, size, size) batch.
@@ -453,7 +473,7 @@ def _apply_to(batch: Tensor, indices: list[int], fn: Callable[[Tensor], Tensor])
 def mean_grey(batch: Tensor) -> Tensor:
     """(N, 1, 1, 1) mean luma of float RGB images (ColorJitter's contrast reference),
     from the channel means: one reduction instead of a grey image and its mean."""
-    luma = torch.tensor(_LUMA, dtype=batch.dtype)
+    luma = torch.tensor(_LUMA, dtype=batch.dtype, device=batch.device)
     return (batch.mean(dim=(2, 3)) * luma).sum(dim=1).view(-1, 1, 1, 1)
 
 

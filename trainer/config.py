@@ -79,6 +79,7 @@ PATH_KINDS = ("imagefolder", "cifar10", "files")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoaderKind = Literal["torch", "ray"]
+AugmentDevice = Literal["auto", "cpu", "cuda", "device"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 SMALL_IMAGE_BLUR_LIMIT = 64
@@ -257,6 +258,15 @@ class DataConfig(DataSource):
         "the cluster and streams each worker its shard, every image once per epoch; needs "
         "a Ray run and a free CPU beyond the workers'). Evaluation always uses a DataLoader.",
     )
+    augment_device: AugmentDevice = Field(
+        "auto",
+        description="Where the training views are made. cpu: in the DataLoader workers, "
+        "image by image; cuda: on the CUDA training device, batched (the workers only "
+        "decode images and draw the views' random parameters); device: on the training "
+        "device whatever it is (on a CPU run: in the training process); auto: cuda when "
+        "the training device is CUDA (and data.loader is torch), else cpu. All draw the same "
+        "parameters from the same seed and render the same views up to float rounding.",
+    )
 
     @field_validator("global_crop_scale", "local_crop_scale")
     @classmethod
@@ -277,6 +287,16 @@ class DataConfig(DataSource):
                 f"({global_size} px): local views are the small ones"
             )
         return size
+
+    @model_validator(mode="after")
+    def _ray_data_makes_its_views(self) -> Self:
+        if self.loader == "ray" and self.augment_device in ("cuda", "device"):
+            raise ValueError(
+                f"data.augment_device {self.augment_device!r} cannot go with data.loader "
+                "'ray': Ray Data's tasks make the views on CPUs; set augment_device to auto "
+                "or cpu, or use data.loader 'torch'"
+            )
+        return self
 
     @property
     def blur_enabled(self) -> bool:
@@ -512,6 +532,16 @@ class TrainConfig(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _augmentation_on_a_cuda_device(self) -> Self:
+        if self.data.augment_device == "cuda" and self.runtime.device == "cpu":
+            raise ValueError(
+                "data.augment_device 'cuda' needs a CUDA training device but runtime.device "
+                "is 'cpu': set data.augment_device to auto, cpu or device, or runtime.device "
+                "to auto or cuda"
+            )
+        return self
 
     def to_json(self) -> str:
         """The canonical JSON form (what travels to workers and sits beside checkpoints)."""

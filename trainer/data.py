@@ -16,8 +16,9 @@ Every dataset item is ``(uint8 (3, H, W) tensor, int label)``. The held-out spli
 last ``holdout_fraction`` of every class (sorted file order for folders, a seeded order
 for in-memory sets; at least one image per class), or CIFAR-10's test batch when present;
 it is never trained on and serves the labelled k-NN evaluation. The training loader
-yields multi-crop views (`trainer.augment.MultiCropAugmentation`), the evaluation loader
-one deterministic view per image (`trainer.augment.eval_transform`).
+yields multi-crop views (`trainer.augment.MultiCropAugmentation`), or the images and
+their views' parameters for `trainer.augment_device.DeviceMultiCrop`; the evaluation
+loader one deterministic view per image (`trainer.augment.eval_transform`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from trainer.augment import MultiCropAugmentation, eval_transform
+from trainer.augment_device import ImageBatch, view_table
 from trainer.config import DataConfig, DatasetKind, DataSource
 from trainer.manifests import IMAGE_EXTENSIONS, find_image_files, is_image
 from trainer.object_store import is_object_uri, read_object
@@ -761,6 +763,45 @@ class MultiCropViews(Dataset[tuple[list[Tensor], int]]):
         return self.augmentation(image, generator=generator), label
 
 
+class MultiCropImages(Dataset[tuple[Tensor, int, Tensor]]):
+    """``(image, label, view table)`` for ``(epoch, index)`` keys: an image and the
+    parameters of its views (`trainer.augment_device.view_table`), drawn from the
+    generator `MultiCropViews` seeds for the same key, so the device renders the views
+    the CPU pipeline would make.
+    """
+
+    def __init__(
+        self, dataset: Dataset[Item], augmentation: MultiCropAugmentation, seed: int
+    ) -> None:
+        self.dataset = dataset
+        self.augmentation = augmentation
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int, Tensor]:
+        epoch, index = key
+        image, label = self.dataset[index]
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+        params = self.augmentation.sample(image.shape[-2], image.shape[-1], generator)
+        return image, label, view_table(params)
+
+
+def collate_images(items: Sequence[tuple[Tensor, int, Tensor]]) -> tuple[ImageBatch, Tensor]:
+    """``(ImageBatch, labels)`` of `MultiCropImages` items: the images stacked when they
+    share a size, else kept as a list (own photos differ in size)."""
+    images = [image for image, _, _ in items]
+    same_size = len({tuple(image.shape) for image in images}) == 1
+    return (
+        ImageBatch(
+            torch.stack(images) if same_size else images,
+            torch.stack([table for _, _, table in items]),
+        ),
+        torch.tensor([label for _, label, _ in items], dtype=torch.int64),
+    )
+
+
 class Transformed(Dataset[Item]):
     """``(transform(image), label)`` for each item of ``dataset``."""
 
@@ -783,6 +824,7 @@ def make_train_loader(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    augment_on: torch.device | None = None,
 ) -> DataLoader[Any]:
     """Shuffled batches of multi-crop views for one of ``world_size`` workers.
 
@@ -791,6 +833,11 @@ def make_train_loader(
     B = ``config.batch_size``. The sampler is a `DistributedSampler` (also for one
     worker), so call ``loader.sampler.set_epoch(epoch)`` before each epoch; every rank
     gets a disjoint shard and incomplete batches are dropped.
+
+    With ``augment_on`` (a device) the views are made there instead: each batch is
+    ``(ImageBatch, labels)``, the decoded uint8 images and their views' parameters for
+    `trainer.augment_device.DeviceMultiCrop.batch_views`, in pinned memory for CUDA.
+    The parameters are the ones the views of the default mode are made from.
 
     Raises:
         ValueError: fewer images than one batch on every worker.
@@ -807,6 +854,18 @@ def make_train_loader(
     sampler = EpochSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
     )
+    if augment_on is not None:
+        images = MultiCropImages(dataset, MultiCropAugmentation(config), seed)
+        return DataLoader(
+            images,
+            batch_size=config.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=config.loader_workers,
+            persistent_workers=config.loader_workers > 0,
+            collate_fn=collate_images,
+            pin_memory=augment_on.type == "cuda",
+        )
     views = MultiCropViews(dataset, MultiCropAugmentation(config), seed)
     return DataLoader(
         views,

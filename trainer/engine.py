@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -285,12 +286,17 @@ def train_one_epoch(
     precision: Precision,
     world_size: int = 1,
     on_log: StepCallback | None = None,
+    augment: Callable[[Any], list[Tensor]] | None = None,
 ) -> dict[str, float]:
     """Train one epoch; returns the epoch's mean loss and its last diagnostics.
 
     ``on_log`` is called every ``runtime.log_every_steps`` steps (and at the last step)
     with the diagnostics, lr, teacher temperature, images/s and ``healthy`` (the
     verdict of ``state.health`` after this interval), keyed by metric name.
+
+    ``augment`` (`trainer.augment_device.DeviceMultiCrop.batch_views`) turns the first
+    element of each batch, the loader's images, into the views on ``device``; without
+    it that element is the views, copied to ``device``.
     """
     state.student.train()
     state.teacher.train()
@@ -299,7 +305,10 @@ def train_one_epoch(
     last: dict[str, float] = {}
     window_start, window_images = time.perf_counter(), 0
     for is_last, (views, _labels) in _flag_last(loader):
-        views = [view.to(device, non_blocking=True) for view in views]
+        if augment is not None:
+            views = augment(views)
+        else:
+            views = [view.to(device, non_blocking=True) for view in views]
         schedule = schedules.at(state.step)
         log_now = is_last or (state.step + 1) % config.runtime.log_every_steps == 0
         result = train_step(

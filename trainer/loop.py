@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from trainer.augment_device import DeviceMultiCrop, augmentation_device
 from trainer.checkpoint import restore_state
 from trainer.config import Precision, TrainConfig
 from trainer.data import (
@@ -95,6 +96,9 @@ class Run:
     precision: Precision
     rank: int
     world_size: int
+    augment: DeviceMultiCrop | None = None
+    """Makes the views on the device from the loader's images (``data.augment_device``);
+    None: the loader yields views."""
 
 
 def select_device(config: TrainConfig) -> torch.device:
@@ -142,11 +146,18 @@ def build_run(
         evaluation: DataSplits | None = build_splits(config.eval.data, seed=config.runtime.seed)
     else:
         evaluation = splits if splits.num_classes > 0 else None
+    augment_on = None  # a loader of make_loader yields views (Ray Data makes them in its tasks)
     if make_loader is not None:
         loader = make_loader(splits)
     else:
+        augment_on = augmentation_device(config.data.augment_device, device)
         loader = make_train_loader(
-            splits.train, config.data, seed=config.runtime.seed, rank=rank, world_size=world_size
+            splits.train,
+            config.data,
+            seed=config.runtime.seed,
+            rank=rank,
+            world_size=world_size,
+            augment_on=augment_on,
         )
     student = build_network(
         config.model, config.objective.num_clusters, config.data.global_crop_size
@@ -174,9 +185,11 @@ def build_run(
     schedules = Schedules(
         config, steps_per_epoch=len(loader), global_batch=config.data.batch_size * world_size
     )
-    return Run(
+    run = Run(
         config, state, splits, evaluation, loader, schedules, device, precision, rank, world_size
     )
+    run.augment = None if augment_on is None else DeviceMultiCrop(config.data, augment_on)
+    return run
 
 
 def evaluate(run: Run, backbone: nn.Module | None = None) -> dict[str, float]:
@@ -298,6 +311,7 @@ def run_training(
             precision=run.precision,
             world_size=run.world_size,
             on_log=hooks.on_log,
+            augment=None if run.augment is None else run.augment.batch_views,
         )
         last_epoch = epoch + 1 == config.schedule.epochs
         every = config.eval.every_epochs

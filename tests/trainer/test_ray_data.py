@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from tests import factories
 from tests.trainer.test_files import digit_images
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.data import (
     ImageFiles,
     PackedImages,
@@ -272,3 +272,9 @@ def test_a_packed_split_streams_from_its_shards(cluster: Any, tmp_path: Path) ->
     for row in rows:
         if not row["unreadable"]:
             assert row["label"] == train.labels[row["id"]]
+
+
+def test_ray_data_makes_its_views_on_cpus() -> None:
+    with pytest.raises(ConfigError, match=r"cannot go with data\.loader 'ray'"):
+        factories.tiny_config(data={"loader": "ray", "augment_device": "device"})
+    factories.tiny_config(data={"loader": "ray", "augment_device": "auto"})
