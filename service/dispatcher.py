@@ -53,9 +53,10 @@ LEASE = "dispatcher"
 """The store lease whose holder is the deployment's one dispatcher."""
 
 
-def submission_id(job_id: str) -> str:
-    """The Ray submission id of a job (deterministic: resubmitting is idempotent)."""
-    return f"klssl-{job_id}"
+def submission_id(job_id: str, attempt: int = 1) -> str:
+    """The Ray submission id of a job's attempt (deterministic: resubmitting an attempt
+    is idempotent; a later attempt is a new Ray job)."""
+    return f"klssl-{job_id}" if attempt <= 1 else f"klssl-{job_id}-a{attempt}"
 
 
 @dataclass
@@ -154,7 +155,7 @@ class Dispatcher:
 
     def _submit(self, job: Job) -> None:
         """QUEUED -> SUBMITTING -> PENDING, each a compare-and-set against a cancel."""
-        sid = submission_id(job.id)
+        sid = submission_id(job.id, job.attempts)
         claimed = self.store.transition(
             job.id,
             JobState.SUBMITTING,
@@ -212,7 +213,7 @@ class Dispatcher:
                 elif job.job_state is JobState.CANCELLING:  # nothing of it is left on Ray
                     self._finish(job, JobState.CANCELLED, job.error)
                 else:
-                    self._finish(job, JobState.FAILED, LOST_BY_RAY)
+                    self._lost(job)
                 continue
             self.ray_reachable = True
             self._record_progress(job)
@@ -232,6 +233,21 @@ class Dispatcher:
                     status.state,
                     expected={JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING},
                 )
+
+    def _lost(self, job: Job) -> None:
+        """Ray lost a job it ran: queue its next attempt (which resumes from the last
+        checkpoint into the same MLflow run), or fail it after ``max_attempts``."""
+        limit = self.settings.max_attempts
+        if job.attempts >= limit:
+            self._finish(job, JobState.FAILED, f"{LOST_BY_RAY}; {job.attempts} of {limit} attempts")
+            return
+        reason = (
+            f"{LOST_BY_RAY}; attempt {job.attempts + 1} of {limit} resumes from the last checkpoint"
+        )
+        log.warning("job %s: %s", job.id, reason)
+        self.store.requeue(
+            job.id, expected={JobState.PENDING, JobState.RUNNING}, queue_reason=reason
+        )
 
     def _record_progress(self, job: Job) -> None:
         if job.mlflow_run_id is None or not self.mlflow_reachable:

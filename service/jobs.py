@@ -54,6 +54,13 @@ class JobFinishedError(RuntimeError):
     """The job already reached a final state (cancel -> 409)."""
 
 
+class NotRetryableError(RuntimeError):
+    """Only a FAILED or CANCELLED job is retried (retry -> 409)."""
+
+
+RETRYABLE = frozenset({JobState.FAILED, JobState.CANCELLED})
+
+
 @dataclass(frozen=True)
 class Accepted:
     """A job accepted by `submit_job`; ``replayed`` when an Idempotency-Key matched."""
@@ -267,3 +274,31 @@ def close_run(tracking: Tracking, job: Job) -> None:
         tracking.terminate(job.mlflow_run_id, "KILLED", children=kind_of_job(job).has_child_runs)
     except Exception as error:  # the record is what counts; the dispatcher closes it later
         log.warning("could not close MLflow run %s: %s", job.mlflow_run_id, error)
+
+
+def retry_job(store: JobStore, tracking: Tracking, job: Job) -> Job:
+    """Queue a FAILED or CANCELLED job again as its next attempt.
+
+    Its MLflow run is reopened (RUNNING) first, so that the new driver logs into it
+    instead of stopping as for a cancelled run; the attempt resumes from the job's last
+    checkpoint (the Ray Train run is named after the job), and metric steps already in
+    the run are not logged twice.
+
+    Raises:
+        NotRetryableError: the job is not FAILED or CANCELLED (or was retried meanwhile).
+    """
+    if job.job_state not in RETRYABLE:
+        raise NotRetryableError(
+            f"job {job.id} is {job.state}: only a FAILED or CANCELLED job can be retried"
+        )
+    if job.mlflow_run_id is not None:
+        tracking.reopen(job.mlflow_run_id)
+    requeued = store.requeue(
+        job.id,
+        expected=RETRYABLE,
+        error=None,
+        queue_reason=f"retried by its owner: attempt {job.attempts + 1}",
+    )
+    if requeued.job_state is not JobState.QUEUED:
+        raise NotRetryableError(f"job {job.id} is {requeued.state}: it was retried already")
+    return requeued

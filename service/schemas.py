@@ -150,6 +150,9 @@ class JobOut(BaseModel):
     error: str | None = Field(None, description="Why it failed or was cancelled.")
     checkpoint_uris: list[str] = Field(description="Checkpoints kept, oldest first.")
     priority: int = Field(0, description="Higher runs first among queued jobs.")
+    attempts: int = Field(
+        1, description="Submissions to Ray so far: a job Ray lost, or a retried one, runs again."
+    )
     queue_reason: str | None = Field(
         None, description="Why a QUEUED job still waits: no free slot, or its owner's quota."
     )
@@ -195,6 +198,7 @@ class JobOut(BaseModel):
             error=job.error,
             checkpoint_uris=list(job.checkpoint_uris or []),
             priority=job.priority or 0,
+            attempts=job.attempts or 1,
             queue_reason=job.queue_reason if job.job_state is JobState.QUEUED else None,
             **(
                 job.spec.registration() if isinstance(job.spec, TrainJobSpec) else Registration()

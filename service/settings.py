@@ -126,6 +126,14 @@ class Settings(BaseSettings):
         "every owner without one. A job beyond its owner's quota waits QUEUED with the "
         "reason on its record; one that could never fit is refused (422).",
     )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Attempts of a job that Ray loses (its head restarted, its node was "
+        "lost) before it is FAILED; each new attempt resumes from the job's last "
+        "checkpoint into the same MLflow run. A retry (POST .../retry) always runs.",
+    )
     cluster_has_gpus: bool = Field(
         False,
         description="The Ray cluster has GPUs: jobs with runtime.device auto then count one "

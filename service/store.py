@@ -151,6 +151,9 @@ class Job(Base):
     """Higher runs first; equal priorities run oldest first."""
     queue_reason: Mapped[str | None] = mapped_column(String(512), nullable=True)
     """Why a QUEUED job is still waiting (capacity, its owner's quota); None otherwise."""
+    attempts: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """Submissions to Ray so far (or the coming one): a job Ray lost, or that its owner
+    retried, runs again as the next attempt, resuming from its last checkpoint."""
 
     @property
     def config(self) -> TrainConfig | SweepConfig:
@@ -370,6 +373,32 @@ class JobStore:
             job.updated_at = utcnow()
             session.commit()
             return job
+
+    def requeue(self, job_id: str, *, expected: Collection[JobState], **fields: Any) -> Job:
+        """Put a job back in the queue as its next attempt: a compare-and-set from a state
+        in ``expected`` (final states included: a retry leaves FAILED or CANCELLED).
+
+        Returns the record after the attempt: QUEUED when the move happened.
+        """
+        values: dict[str, Any] = {
+            "state": JobState.QUEUED.value,
+            "updated_at": utcnow(),
+            "attempts": Job.attempts + 1,
+            "ray_submission_id": None,
+            "finished_at": None,
+            "cancel_requested": False,
+            **fields,
+        }
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state.in_([state.value for state in expected]))
+                .values(**values)
+            )
+        job = self.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return job
 
     def transition(
         self,

@@ -138,6 +138,17 @@ class Tracking:
             if run.info.status in ("RUNNING", "SCHEDULED"):
                 client.set_terminated(run.info.run_id, status=status)
 
+    def reopen(self, run_id: str) -> None:
+        """Mark a closed run RUNNING again (a retried job's next attempt logs into it).
+
+        Raises:
+            TrackingUnavailableError: MLflow did not answer (nothing changed).
+        """
+        try:
+            self.client().update_run(run_id, status="RUNNING")
+        except Exception as error:
+            raise TrackingUnavailableError(f"MLflow could not reopen the run: {error}") from None
+
     def trials(self, parent_run_id: str) -> list[TrialRecord]:
         """The trials of a sweep (the child runs of its parent run), by trial id."""
         from tuning.report import trials_from_mlflow

@@ -13,7 +13,15 @@ from pydantic import BaseModel, ValidationError
 
 from service.deps import Caller
 from service.dispatcher import Dispatcher
-from service.jobs import Accepted, InvalidJobError, JobFinishedError, cancel_job, submit_job
+from service.jobs import (
+    Accepted,
+    InvalidJobError,
+    JobFinishedError,
+    NotRetryableError,
+    cancel_job,
+    retry_job,
+    submit_job,
+)
 from service.ray_jobs import RayJobsClient, RayUnavailableError
 from service.schemas import JobList, JobOut
 from service.settings import Settings
@@ -126,6 +134,17 @@ def cancel_owned(job: Job, store: JobStore, ray: RayJobsClient, tracking: Tracki
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
     except RayUnavailableError as error:
         raise unavailable("Ray", error) from None
+
+
+def retry_owned(job: Job, store: JobStore, tracking: Tracking) -> Job:
+    """`retry_job` of a record `find_job` gave the caller; 409 unless it FAILED or was
+    CANCELLED."""
+    try:
+        return retry_job(store, tracking, job)
+    except NotRetryableError as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    except TrackingUnavailableError as error:
+        raise unavailable("MLflow", error) from None
 
 
 def body_off_the_loop(model: type[BodyModel]) -> Callable[[Request], Awaitable[BodyModel]]:

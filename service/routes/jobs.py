@@ -29,6 +29,7 @@ from service.routes.common import (
     cancel_owned,
     find_job,
     list_page,
+    retry_owned,
     unavailable,
 )
 from service.schemas import JobCreate, JobList, JobMetrics, JobOut, MetricPointOut
@@ -109,6 +110,26 @@ def cancel(
 ) -> JobOut:
     """Cancel a job (stops its Ray job); 409 when it already ended."""
     return JobOut.of(cancel_owned(find_job(store, job_id, owner), store, ray, tracking), settings)
+
+
+@router.post(
+    "/jobs/{job_id}/retry",
+    response_model=JobOut,
+    responses={**NOT_FOUND, 409: {"description": "The job is not FAILED or CANCELLED."}},
+)
+def retry(
+    job_id: str,
+    owner: Owner,
+    store: StoreDep,
+    tracking: TrackingDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+) -> JobOut:
+    """Run a FAILED or CANCELLED job again: QUEUED as its next attempt, resuming from its
+    last checkpoint into the same MLflow run; 409 for any other state."""
+    job = retry_owned(find_job(store, job_id, owner), store, tracking)
+    dispatcher.wakeup.set()
+    return JobOut.of(job, settings)
 
 
 @router.get(

@@ -33,6 +33,7 @@ from service.routes.common import (
     documented_body,
     find_job,
     list_page,
+    retry_owned,
     unavailable,
 )
 from service.schemas import JobList, SweepCreate, SweepOut
@@ -136,3 +137,24 @@ async def cancel_sweep(
     job = await run_in_threadpool(find_sweep, store, sweep_id, owner)
     cancelled = await run_in_threadpool(cancel_owned, job, store, ray, tracking)
     return await with_trials(cancelled, tracking, settings)
+
+
+@router.post(
+    "/sweeps/{sweep_id}/retry",
+    response_model=SweepOut,
+    responses={**SWEEP_NOT_FOUND, 409: {"description": "The sweep is not FAILED or CANCELLED."}},
+)
+async def retry_sweep(
+    sweep_id: str,
+    owner: Owner,
+    store: StoreDep,
+    tracking: TrackingDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+) -> SweepOut:
+    """Run a FAILED or CANCELLED sweep again: QUEUED as its next attempt, which restores
+    its Tune experiment (finished trials are not redone); 409 for any other state."""
+    job = await run_in_threadpool(find_sweep, store, sweep_id, owner)
+    retried = await run_in_threadpool(retry_owned, job, store, tracking)
+    dispatcher.wakeup.set()
+    return await with_trials(retried, tracking, settings)

@@ -12,7 +12,7 @@ from service.dispatcher import LOST_BY_RAY, Dispatcher, submission_id
 from service.ray_jobs import job_environment
 from service.settings import Settings
 from service.store import JobState
-from tests.service.conftest import ALICE, FakeRay, job_body
+from tests.service.conftest import ALICE, BOB, FakeRay, job_body
 from trainer.spec import TrainJobSpec
 
 
@@ -127,19 +127,37 @@ def test_ray_down_keeps_jobs_queued_until_it_returns(
     assert states(services, ids) == ["PENDING"]
 
 
-def test_a_job_ray_forgot_becomes_failed_with_the_reason(
+def test_a_job_ray_forgot_runs_again_as_its_next_attempt_up_to_max_attempts(
     client: TestClient, services: Services, fake_ray: FakeRay
 ) -> None:
-    ids = submit(client, 1)
-    services.dispatcher.run_once()
-    fake_ray.set(submission_id(ids[0]), JobState.RUNNING)
-    services.dispatcher.run_once()
-    fake_ray.jobs.clear()  # the head node restarted
-    services.dispatcher.run_once()
-    job = services.store.get(ids[0])
-    assert job is not None and job.state == "FAILED" and job.error == LOST_BY_RAY
-    run = services.tracking.client().get_run(job.mlflow_run_id)  # type: ignore[arg-type]
-    assert run.info.status == "FAILED"
+    (job_id,) = submit(client, 1)  # max_attempts = 3 (the default)
+    for attempt in (1, 2, 3):
+        services.dispatcher.run_once()
+        sid = submission_id(job_id, attempt)
+        assert fake_ray.submissions[-1]["id"] == sid  # every attempt a new Ray job
+        fake_ray.set(sid, JobState.RUNNING)
+        services.dispatcher.run_once()
+        fake_ray.jobs.clear()  # the head node restarted
+        services.dispatcher.reconcile()  # (a whole round would also submit the next attempt)
+        job = services.store.get(job_id)
+        assert job is not None and job.attempts == min(attempt + 1, 3)
+        run = services.tracking.client().get_run(job.mlflow_run_id)  # type: ignore[arg-type]
+        if attempt < 3:
+            # Back in the queue, its MLflow run still open for the next attempt's driver.
+            assert job.state == "QUEUED" and job.ray_submission_id is None
+            assert (
+                job.queue_reason is not None and f"attempt {attempt + 1} of 3" in job.queue_reason
+            )
+            assert run.info.status == "RUNNING"
+        else:
+            assert job.state == "FAILED" and job.error is not None
+            assert job.error.startswith(LOST_BY_RAY) and "3 of 3 attempts" in job.error
+            assert run.info.status == "FAILED"
+    assert [entry["id"] for entry in fake_ray.submissions] == [
+        f"klssl-{job_id}",
+        f"klssl-{job_id}-a2",
+        f"klssl-{job_id}-a3",
+    ]
 
 
 def test_a_failed_ray_job_keeps_rays_message(
@@ -227,3 +245,36 @@ def test_two_dispatchers_on_one_store_dispatch_as_one(
     assert second.leading and len(fake_ray.submissions) == 4
     first.run_once()
     assert first.leading is False and len(fake_ray.submissions) == 4
+
+
+def test_a_failed_or_cancelled_job_is_retried_into_its_mlflow_run(
+    client: TestClient, services: Services, fake_ray: FakeRay
+) -> None:
+    failed, running = submit(client, 2)
+    services.dispatcher.run_once()
+    fake_ray.set(submission_id(failed), JobState.FAILED, "out of memory")
+    fake_ray.set(submission_id(running), JobState.RUNNING)
+    services.dispatcher.run_once()
+    busy = client.post(f"/v1/jobs/{running}/retry", headers=ALICE)
+    assert busy.status_code == 409 and "RUNNING" in busy.text
+    assert client.post(f"/v1/jobs/{failed}/retry", headers=BOB).status_code == 404
+
+    retried = client.post(f"/v1/jobs/{failed}/retry", headers=ALICE)
+    assert retried.status_code == 200, retried.text
+    record = retried.json()
+    assert (record["state"], record["attempts"], record["error"]) == ("QUEUED", 2, None)
+    assert record["finished_at"] is None
+    run = services.tracking.client().get_run(record["mlflow_run_id"])
+    assert run.info.status == "RUNNING"  # the next attempt's driver logs into it
+    again = client.post(f"/v1/jobs/{failed}/retry", headers=ALICE)
+    assert again.status_code == 409  # queued already
+    services.dispatcher.run_once()
+    assert fake_ray.submissions[-1]["id"] == submission_id(failed, 2)
+    assert states(services, [failed]) == ["PENDING"]
+
+    cancelled = client.post(f"/v1/jobs/{running}/cancel", headers=ALICE).json()
+    services.dispatcher.run_once()  # Ray reports it stopped
+    assert states(services, [cancelled["id"]]) == ["CANCELLED"]
+    revived = client.post(f"/v1/jobs/{running}/retry", headers=ALICE).json()
+    assert revived["state"] == "QUEUED" and revived["attempts"] == 2
+    assert services.tracking.client().get_run(revived["mlflow_run_id"]).info.status == "RUNNING"
