@@ -265,6 +265,12 @@ def cancel(job_id: JobId, url: Url = None, token: Token = None) -> None:
         typer.echo(describe(check(http.post(f"/v1/jobs/{job_id}/cancel"))))
 
 
+def retry(job_id: JobId, url: Url = None, token: Token = None) -> None:
+    """Run a FAILED or CANCELLED job again (it resumes from its last checkpoint)."""
+    with client(url, token) as http:
+        typer.echo(describe(check(http.post(f"/v1/jobs/{job_id}/retry"))))
+
+
 def list_jobs(
     state: Annotated[
         list[str] | None, typer.Option("--state", help="Only jobs in this state (repeatable).")
@@ -361,5 +367,6 @@ def register(app: typer.Typer) -> None:
     app.command()(status)
     app.command()(logs)
     app.command()(cancel)
+    app.command()(retry)
     app.command("list")(list_jobs)
     app.command()(sweep)

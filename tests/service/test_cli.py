@@ -77,6 +77,9 @@ def test_submit_status_list_logs_and_cancel(
     assert "CANCELLED" in runner.invoke(klssl, ["status", job_id]).stdout
     again = runner.invoke(klssl, ["cancel", job_id])
     assert again.exit_code == 1 and "409" in again.output
+    retried = runner.invoke(klssl, ["retry", job_id])
+    assert retried.exit_code == 0 and "QUEUED" in retried.stdout, retried.output
+    assert runner.invoke(klssl, ["retry", job_id]).exit_code == 1  # queued: a 409
 
 
 def test_follow_reports_the_final_state(
