@@ -584,6 +584,7 @@ def make_train_loader(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader[Any]:
     """Shuffled batches of multi-crop views for one of ``world_size`` workers.
 
@@ -591,7 +592,9 @@ def make_train_loader(
     (B, 3, h, w) tensors, the global views first, and ``labels`` int64 (B,), with
     B = ``config.batch_size``. The sampler is a `DistributedSampler` (also for one
     worker), so call ``loader.sampler.set_epoch(epoch)`` before each epoch; every rank
-    gets a disjoint shard and incomplete batches are dropped.
+    gets a disjoint shard and incomplete batches are dropped. ``pin_memory`` puts the
+    batches in page-locked memory (for asynchronous copies to a CUDA device; see
+    `trainer.acceleration.pin_memory_wanted`).
 
     Raises:
         ValueError: fewer images than one batch on every worker.
@@ -614,23 +617,44 @@ def make_train_loader(
         batch_size=config.batch_size,
         sampler=sampler,
         drop_last=True,
+        pin_memory=pin_memory,
         num_workers=config.loader_workers,
         persistent_workers=config.loader_workers > 0,
+        prefetch_factor=prefetch_factor(config.loader_workers),
     )
 
 
 def make_eval_loader(
-    dataset: Dataset[Item], config: DataConfig, batch_size: int = 256
+    dataset: Dataset[Item], config: DataConfig, batch_size: int = 256, pin_memory: bool = False
 ) -> DataLoader[Any]:
     """Batches ``(images, labels)`` in dataset order: float32 normalised (B, 3, S, S)
-    images (S = ``config.global_crop_size``, no randomness) and int64 (B,) labels."""
+    images (S = ``config.global_crop_size``, no randomness) and int64 (B,) labels;
+    ``pin_memory`` as `make_train_loader`'s."""
     return DataLoader(
         Transformed(dataset, eval_transform(config)),
         batch_size=batch_size,
         shuffle=False,
+        pin_memory=pin_memory,
         num_workers=config.loader_workers,
         persistent_workers=config.loader_workers > 0,
+        prefetch_factor=prefetch_factor(config.loader_workers),
     )
+
+
+LOADER_BATCHES_AHEAD = 8
+"""Batches the loader workers keep ready together, at least (2 per worker above 4)."""
+
+
+def prefetch_factor(workers: int) -> int | None:
+    """Batches each loader worker prepares ahead (None without workers, as torch wants).
+
+    Few workers get a deeper queue each, so that one slow batch (a large JPEG, a busy
+    core) does not stall the step; many workers keep torch's 2 each, which already
+    holds 2 x workers batches in host memory.
+    """
+    if workers == 0:
+        return None
+    return max(2, -(-LOADER_BATCHES_AHEAD // workers))
 
 
 def _mix(*values: int) -> int:
