@@ -11,6 +11,7 @@ updates). bf16 autocast is `trainer.engine.autocast`'s (``runtime.precision``).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,3 +57,44 @@ def accelerate(network: MultiCropNetwork, config: TrainConfig, device: torch.dev
         network.use_memory_format(torch.channels_last)
     if config.runtime.compile:
         network.compile_backend = COMPILE_BACKEND
+
+
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
+"""Optimiser options that choose a kernel for this device, not a hyperparameter."""
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(saved)``, keeping this device's kernel and layout.
+
+    torch restores every option of the saved parameter groups, ``fused`` and ``foreach``
+    included: a checkpoint of a CPU run would take the fused kernel away from a CUDA
+    run, one of a CUDA run would impose it on the CPU. The optimiser keeps its own.
+    Then each moment gets its parameter's memory layout (`match_parameter_layout`).
+    """
+    groups = [
+        group | {key: current[key] for key in IMPLEMENTATION_KEYS if key in current}
+        for group, current in zip(saved["param_groups"], optimizer.param_groups, strict=False)
+    ]  # a different number of groups: load_state_dict says so
+    optimizer.load_state_dict(saved | {"param_groups": groups})
+    match_parameter_layout(optimizer)
+
+
+def match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (AdamW's moments) its parameter's layout.
+
+    A checkpoint written with another memory layout (a CPU run resumed on CUDA, where CNN
+    weights are channels_last) loads the moments with their own strides. The fused
+    AdamW kernel pairs elements by memory position and would silently mix them up (the
+    multi-tensor path checks and falls back), so the moments are laid out like their
+    parameter.
+    """
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == parameter.shape
+                    and value.stride() != parameter.stride()
+                ):
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
