@@ -39,7 +39,7 @@ environment.ensure_ray_env()  # before Ray is imported (pins Train V2)
 import ray  # noqa: E402
 import ray.train  # noqa: E402
 import ray.train.torch  # noqa: E402
-from sweep_modes import ensure_data  # noqa: E402
+from cifar10 import ensure_data  # noqa: E402
 
 from trainer.config import TrainConfig, validate_config  # noqa: E402
 from trainer.data import build_splits, make_train_loader  # noqa: E402

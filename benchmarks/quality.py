@@ -55,9 +55,10 @@ from typing import Any
 import torch
 
 # benchmarks/ is not a package: running this file puts its folder first on sys.path, so
-# the sibling script is importable as a module (it imports Ray; that only costs seconds).
+# the sibling modules are importable (neither imports Ray: benchmarks/gpu.py runs this
+# code on machines without it).
+from cifar10 import ARCHIVE, ensure_data
 from reports import write_json
-from sweep_modes import ARCHIVE, ensure_data
 
 from trainer.config import TrainConfig, apply_overrides, validate_config
 from trainer.engine import TrainingState

@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import statistics
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -30,24 +29,14 @@ from typing import Any
 
 # isort: split
 import torch
+from cifar10 import ensure_data
 
 from tuning.config import SweepConfig, validate_sweep
 from tuning.driver import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg" / "train.tar.gz"
-DATA = ROOT / ".data" / "train"
 MODES = ["prior", "center"]
-
-
-def ensure_data(archive: Path = ARCHIVE, target: Path = DATA) -> Path:
-    """The CIFAR-10 ImageFolder, unpacked from the shared archive on first use."""
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(target.parent, filter="data")
-    return target
 
 
 def sweep_config(args: argparse.Namespace) -> SweepConfig:

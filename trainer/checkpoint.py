@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.acceleration import load_optimizer_state
 from trainer.config import TrainConfig, validate_config
 from trainer.engine import TrainingState
 from trainer.models import unwrap
@@ -219,7 +220,7 @@ def restore_state(state: TrainingState, payload: dict[str, Any]) -> None:
     unwrap(state.student).load_state_dict(payload["student"])
     state.teacher.load_state_dict(payload["teacher"])
     state.statistics.load_state_dict(payload["statistics"])
-    state.optimizer.load_state_dict(payload["optimizer"])
+    load_optimizer_state(state.optimizer, payload["optimizer"])  # this device's kernel
     if state.scaler is not None and payload["scaler"] is not None:
         state.scaler.load_state_dict(payload["scaler"])
     state.epoch = payload["epoch"]

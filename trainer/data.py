@@ -31,11 +31,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -47,7 +45,12 @@ from trainer.augment_device import ImageBatch, view_table
 from trainer.config import DataConfig, DatasetKind, DataSource
 from trainer.manifests import IMAGE_EXTENSIONS, find_image_files, is_image
 from trainer.object_store import is_object_uri, read_object
-from trainer.packing import PackLayout, is_pack, open_shard, read_pack
+
+if TYPE_CHECKING:  # pyarrow loads only for packed data (a GPU node may train without it)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainer.packing import PackLayout
 
 Item = tuple[Tensor, int]
 """One image, uint8 (3, H, W), and its class index (`UNLABELLED` when it has none)."""
@@ -347,10 +350,12 @@ class PackedImages(EncodedImages):
         if column == "image" and key in self._groups:
             self._groups.move_to_end(key)
             return self._groups[key]
+        from pyarrow import ArrowException
+
         path = self.layout.shards[shard]
         try:
             values = self._shard(shard).read_row_group(group, columns=[column]).column(column)
-        except (OSError, pa.ArrowException) as error:
+        except (OSError, ArrowException) as error:
             raise PackReadError(
                 f"pack shard {path}: row group {group} cannot be read: {error}"
             ) from error
@@ -364,6 +369,8 @@ class PackedImages(EncodedImages):
         if shard in self._open:
             self._open.move_to_end(shard)
             return self._open[shard]
+        from trainer.packing import open_shard
+
         self._open[shard] = open_shard(self.layout.shards[shard])
         while len(self._open) > self.OPEN_SHARDS:
             self._open.popitem(last=False)[1].close()
@@ -527,6 +534,8 @@ def _files(config: DataSource, seed: int) -> DataSplits:
     del seed  # the split follows the sorted (or listed, or packed) order
     if config.path is None:
         raise ValueError("data.path is required for dataset kind 'files'")
+    from trainer.packing import is_pack  # pyarrow loads only for kind files
+
     if is_pack(config.path):
         return _packed(config)
     found = find_image_files(config.path, config.pattern)
@@ -541,6 +550,8 @@ def _packed(config: DataSource) -> DataSplits:
     assert config.path is not None  # checked by the caller
     if config.pattern is not None:
         raise ValueError(f"data.pattern applies to a folder of images; {config.path} is a pack")
+    from trainer.packing import read_pack
+
     layout = read_pack(config.path)
     location = str(config.path)
     if not is_object_uri(location) and Path(location).is_dir():
@@ -825,6 +836,7 @@ def make_train_loader(
     rank: int = 0,
     world_size: int = 1,
     augment_on: torch.device | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader[Any]:
     """Shuffled batches of multi-crop views for one of ``world_size`` workers.
 
@@ -832,7 +844,9 @@ def make_train_loader(
     (B, 3, h, w) tensors, the global views first, and ``labels`` int64 (B,), with
     B = ``config.batch_size``. The sampler is a `DistributedSampler` (also for one
     worker), so call ``loader.sampler.set_epoch(epoch)`` before each epoch; every rank
-    gets a disjoint shard and incomplete batches are dropped.
+    gets a disjoint shard and incomplete batches are dropped. ``pin_memory`` puts the
+    batches in page-locked memory (for asynchronous copies to a CUDA device; see
+    `trainer.acceleration.pin_memory_wanted`).
 
     With ``augment_on`` (a device) the views are made there instead: each batch is
     ``(ImageBatch, labels)``, the decoded uint8 images and their views' parameters for
@@ -864,7 +878,8 @@ def make_train_loader(
             num_workers=config.loader_workers,
             persistent_workers=config.loader_workers > 0,
             collate_fn=collate_images,
-            pin_memory=augment_on.type == "cuda",
+            pin_memory=pin_memory or augment_on.type == "cuda",
+            prefetch_factor=prefetch_factor(config.loader_workers),
         )
     views = MultiCropViews(dataset, MultiCropAugmentation(config), seed)
     return DataLoader(
@@ -872,23 +887,44 @@ def make_train_loader(
         batch_size=config.batch_size,
         sampler=sampler,
         drop_last=True,
+        pin_memory=pin_memory,
         num_workers=config.loader_workers,
         persistent_workers=config.loader_workers > 0,
+        prefetch_factor=prefetch_factor(config.loader_workers),
     )
 
 
 def make_eval_loader(
-    dataset: Dataset[Item], config: DataConfig, batch_size: int = 256
+    dataset: Dataset[Item], config: DataConfig, batch_size: int = 256, pin_memory: bool = False
 ) -> DataLoader[Any]:
     """Batches ``(images, labels)`` in dataset order: float32 normalised (B, 3, S, S)
-    images (S = ``config.global_crop_size``, no randomness) and int64 (B,) labels."""
+    images (S = ``config.global_crop_size``, no randomness) and int64 (B,) labels;
+    ``pin_memory`` as `make_train_loader`'s."""
     return DataLoader(
         Transformed(dataset, eval_transform(config)),
         batch_size=batch_size,
         shuffle=False,
+        pin_memory=pin_memory,
         num_workers=config.loader_workers,
         persistent_workers=config.loader_workers > 0,
+        prefetch_factor=prefetch_factor(config.loader_workers),
     )
+
+
+LOADER_BATCHES_AHEAD = 8
+"""Batches the loader workers keep ready together, at least (2 per worker above 4)."""
+
+
+def prefetch_factor(workers: int) -> int | None:
+    """Batches each loader worker prepares ahead (None without workers, as torch wants).
+
+    Few workers get a deeper queue each, so that one slow batch (a large JPEG, a busy
+    core) does not stall the step; many workers keep torch's 2 each, which already
+    holds 2 x workers batches in host memory.
+    """
+    if workers == 0:
+        return None
+    return max(2, -(-LOADER_BATCHES_AHEAD // workers))
 
 
 def mix_seed(*values: int) -> int:

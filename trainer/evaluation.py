@@ -22,7 +22,8 @@ def extract_features(
     backbone.eval()
     features, labels = [], []
     for images, batch_labels in loader:
-        features.append(F.normalize(backbone(images.to(device)).float(), dim=-1).cpu())
+        images = images.to(device, non_blocking=True)
+        features.append(F.normalize(backbone(images).float(), dim=-1).cpu())
         labels.append(batch_labels)
     backbone.train(was_training)
     return torch.cat(features), torch.cat(labels)
@@ -54,7 +55,7 @@ def recalibrate_batchnorm(
         norm.momentum = None
     backbone.train()
     for images, _ in loader:
-        backbone(images.to(device))
+        backbone(images.to(device, non_blocking=True))
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
     backbone.train(was_training)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from trainer.acceleration import accelerate, pin_memory_wanted
 from trainer.augment_device import DeviceMultiCrop, augmentation_device
 from trainer.checkpoint import restore_state
 from trainer.config import Precision, TrainConfig
@@ -158,6 +159,7 @@ def build_run(
             rank=rank,
             world_size=world_size,
             augment_on=augment_on,
+            pin_memory=pin_memory_wanted(device),
         )
     student = build_network(
         config.model, config.objective.num_clusters, config.data.global_crop_size
@@ -170,6 +172,9 @@ def build_run(
     )
     student = synchronise_batchnorm(student, device, world_size)
     teacher = synchronise_batchnorm(teacher, device, world_size)
+    # channels_last and torch.compile (trainer/acceleration.py), before the DDP wrap.
+    accelerate(student, config, device)
+    accelerate(teacher, config, device)
     optimizer = build_optimizer(student, config)
     state = TrainingState(
         student=wrap_student(student),
@@ -203,9 +208,13 @@ def evaluate(run: Run, backbone: nn.Module | None = None) -> dict[str, float]:
         backbone: what to evaluate (default: the teacher's backbone, which DINO ships).
     """
     backbone = backbone or as_network(run.state.teacher).backbone
-    splits, data = labelled(run), run.config.data
-    bank = extract_features(backbone, make_eval_loader(splits.train, data), run.device)
-    queries = extract_features(backbone, make_eval_loader(splits.holdout, data), run.device)
+    splits, data, pinned = labelled(run), run.config.data, pin_memory_wanted(run.device)
+    bank = extract_features(
+        backbone, make_eval_loader(splits.train, data, pin_memory=pinned), run.device
+    )
+    queries = extract_features(
+        backbone, make_eval_loader(splits.holdout, data, pin_memory=pinned), run.device
+    )
     return score_features(run, bank, queries)
 
 
@@ -258,7 +267,10 @@ def evaluate_baselines(run: Run) -> dict[str, float]:
             report |= {f"init_{key}": value for key, value in evaluate(run).items()}
             torch.manual_seed(config.runtime.seed)
             backbone = build_backbone(config.model, data.global_crop_size).to(run.device)
-        recalibrate_batchnorm(backbone, make_eval_loader(splits.train, data), run.device)
+        pinned = pin_memory_wanted(run.device)
+        recalibrate_batchnorm(
+            backbone, make_eval_loader(splits.train, data, pin_memory=pinned), run.device
+        )
         report |= {f"random_init_{key}": value for key, value in evaluate(run, backbone).items()}
     pixels = knn_report(
         pixel_features(make_eval_loader(splits.train, data)),

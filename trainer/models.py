@@ -6,8 +6,9 @@ Backbones come from timm's registry by name and are always built with
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import timm
@@ -128,20 +129,65 @@ class MultiCropNetwork(nn.Module):
 
     Views of the same size are concatenated so the backbone runs once per resolution
     (twice with global and local crops), the head once on everything.
+
+    Two speed settings, both off after construction and set by
+    `trainer.acceleration.accelerate` (neither changes the state_dict's keys):
+    ``input_format`` is the memory format the backbone's input batches are given
+    (``torch.channels_last`` for CNNs on CUDA, with the weights converted by
+    `use_memory_format`), and ``compile_backend`` names the ``torch.compile`` backend
+    of the backbone passes of `forward` (None: eager).
     """
 
     def __init__(self, backbone: nn.Module, head: ProjectionHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.input_format: torch.memory_format = torch.contiguous_format
+        self.compile_backend: str | None = None
+
+    def use_memory_format(self, memory_format: torch.memory_format) -> None:
+        """Convert the 4-D weights to ``memory_format`` and give the backbone its inputs so.
+
+        The parameters stay the same objects (their storage is replaced), so an optimiser
+        built before still holds them.
+        """
+        self.to(memory_format=memory_format)
+        self.input_format = memory_format
 
     def forward(self, views: Sequence[Tensor]) -> Tensor:
         """List of V tensors (B, 3, h_v, w_v) -> (V, B, K) logits."""
+        encode = _encode if self.compile_backend is None else _compiled(self.compile_backend)
         features = []
         for _, group in itertools.groupby(views, key=lambda v: v.shape[-2:]):
-            features.append(self.backbone(torch.cat(list(group))))
+            # contiguous() returns the batch itself when it already has the format.
+            images = torch.cat(list(group)).contiguous(memory_format=self.input_format)
+            features.append(encode(self.backbone, images))
         logits: Tensor = self.head(torch.cat(features))
         return logits.reshape(len(views), views[0].shape[0], -1)
+
+
+def _encode(backbone: nn.Module, images: Tensor) -> Tensor:
+    """One backbone pass: the function ``torch.compile`` compiles (see `_compiled`)."""
+    features: Tensor = backbone(images)
+    return features
+
+
+@functools.cache
+def _compiled(backend: str) -> Callable[[nn.Module, Tensor], Tensor]:
+    """`_encode` compiled with ``backend``, one compiled function per backend.
+
+    The function is compiled, not the module: ``torch.compile(module)`` wraps it in an
+    ``OptimizedModule`` whose state_dict keys gain an ``_orig_mod.`` prefix, which would
+    leak into checkpoints and the exported backbone, and a compiled module attribute
+    survives ``copy.deepcopy`` pointing at the original. The backbone is an argument, so
+    the student's and the teacher's passes share the cache (guarded by shapes, grad mode
+    and train/eval). Static shapes: one graph per resolution, the fastest kernels for
+    the two crop sizes a run uses.
+    """
+    compiled: Callable[[nn.Module, Tensor], Tensor] = torch.compile(
+        _encode, backend=backend, dynamic=False
+    )
+    return compiled
 
 
 def build_network(config: ModelConfig, num_clusters: int, image_size: int) -> MultiCropNetwork:
