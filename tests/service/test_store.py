@@ -46,7 +46,7 @@ def test_migrations_build_exactly_the_models_schema(store: JobStore) -> None:
     migrate(store.engine)  # a second upgrade is a no-op
     with store.engine.connect() as connection:
         context = MigrationContext.configure(connection)
-        assert context.get_current_revision() == "0007"
+        assert context.get_current_revision() == "0008"
         assert compare_metadata(context, Base.metadata) == []
 
 
