@@ -65,6 +65,7 @@ async def accept(
     settings: Settings,
     idempotency_key: str | None,
     registration: Registration | None = None,
+    notify: list[str] | None = None,
 ) -> Accepted | JSONResponse:
     """Record a job or sweep (`submit_job`), or the 422 / 503 that says why not."""
     try:
@@ -79,6 +80,7 @@ async def accept(
             tags=tags,
             idempotency_key=idempotency_key,
             registration=registration,
+            notify=notify or [],
         )
     except InvalidJobError as error:
         return invalid(error)
