@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +26,7 @@ from service.deps import Services
 from service.dispatcher import Dispatcher
 from service.errors import validation_error
 from service.limits import BodyLimit, StreamSlots
+from service.notifications import Notifier, payload
 from service.ray_jobs import RayJobs, RayJobsClient
 from service.routes import health, jobs, sweeps
 from service.schemas import SweepCreate
@@ -94,21 +96,31 @@ def create_app(
         settings: the service settings.
         ray_client: the Ray Jobs client (default: `RayJobs` on ``settings.ray_address``).
         tracking: the MLflow side (default: on ``settings.mlflow_tracking_uri``).
-        run_dispatcher: run the dispatcher loop in the background (tests drive it by hand).
+        run_dispatcher: run the dispatcher and notifier loops in the background (tests
+            drive them by hand).
     """
-    store = JobStore.from_url(settings.database_url)
+    store = JobStore.from_url(settings.database_url, functools.partial(payload, settings=settings))
     ray = ray_client if ray_client is not None else RayJobs(settings)
     tracking = tracking or Tracking(
         settings.mlflow_tracking_uri, timeout_s=settings.request_timeout_s
     )
     dispatcher = Dispatcher(store, ray, tracking, settings)
+    notifier = Notifier(store, settings)
     services = Services(
-        settings, store, ray, tracking, dispatcher, StreamSlots(settings.max_log_streams_per_owner)
+        settings,
+        store,
+        ray,
+        tracking,
+        dispatcher,
+        StreamSlots(settings.max_log_streams_per_owner),
+        notifier,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(dispatcher.run()) if run_dispatcher else None
+        # Its own loop: a webhook receiver that is down or slow never holds a round.
+        delivery = asyncio.create_task(notifier.run()) if run_dispatcher else None
         try:
             yield
         finally:
@@ -118,6 +130,12 @@ def create_app(
                     await task
                 with contextlib.suppress(Exception):  # the lease expires anyway
                     await asyncio.to_thread(dispatcher.resign)
+            if delivery is not None:
+                delivery.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await delivery
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(notifier.resign)
             store.engine.dispose()
 
     app = FastAPI(

@@ -16,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.dispatcher import Dispatcher
 from service.limits import StreamSlots
+from service.notifications import Notifier
 from service.ray_jobs import RayJobsClient
 from service.settings import Settings
 from service.store import JobStore
@@ -57,6 +58,7 @@ class Services:
     tracking: Tracking
     dispatcher: Dispatcher
     log_streams: StreamSlots
+    notifier: Notifier
 
 
 async def get_services(request: Request) -> Services:

@@ -29,6 +29,7 @@ from service.store import (
     utcnow,
 )
 from service.tracking import Tracking, TrackingRejectedError
+from service.webhooks import destination_problem
 from trainer.config import TrainConfig
 from trainer.mlflow_names import JOB_ID_TAG, OWNER_TAG
 from trainer.preflight import PreflightError, confined_location, preflight
@@ -76,13 +77,16 @@ def request_hash(
     tags: dict[str, str],
     registration: Registration | None = None,
     priority: int = 0,
+    notify: Sequence[str] = (),
 ) -> str:
     """SHA-256 of what a request asks for (kind, validated config, name, tags, priority,
-    and the model registration of a training job)."""
+    the model registration of a training job, and its webhooks when it has any: a
+    request without is hashed as before they existed)."""
     canonical = json.dumps(
         {"kind": kind.value, "config": config.model_dump(mode="json"), "name": name,
          "tags": tags, "priority": priority,
-         **(registration.model_dump() if registration else {})},
+         **(registration.model_dump() if registration else {}),
+         **({"notify": list(notify)} if notify else {})},
         sort_keys=True, separators=(",", ":"),
     )  # fmt: skip
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -136,6 +140,22 @@ def checked(
     return info.with_base(config, ready)
 
 
+def checked_webhooks(notify: Sequence[str], settings: Settings) -> list[str]:
+    """The webhooks, when each may be reached from here (`service.webhooks`).
+
+    Raises:
+        InvalidJobError: every URL that may not, located in the request body.
+    """
+    problems = [
+        (("body", "notify", str(index)), problem)
+        for index, url in enumerate(notify)
+        if (problem := destination_problem(url, settings)) is not None
+    ]
+    if problems:
+        raise InvalidJobError(problems)
+    return list(notify)
+
+
 def submit_job(
     store: JobStore,
     tracking: Tracking,
@@ -148,12 +168,14 @@ def submit_job(
     idempotency_key: str | None,
     registration: Registration | None = None,
     priority: int = 0,
+    notify: Sequence[str] = (),
 ) -> Accepted:
     """Record a QUEUED job (or sweep) with its MLflow run, or the job of a repeated key.
 
     ``registration`` (training jobs) travels in the spec to the driver, which registers
     the exported backbone under that name when the run ends. ``priority`` orders the
     queue; a job that could never fit its owner's quota (`service.quotas`) is refused.
+    ``notify`` (webhook URLs) stays in the record: the driver never sees it.
 
     A sweep's run is the parent run of its trials, tagged with the sweep id (the job id).
     An Idempotency-Key is bound to its owner, the kind of job and the request: the same
@@ -163,11 +185,12 @@ def submit_job(
         InvalidJobError: the config cannot run here, or the key was used for another request.
     """
     info = kind_of(config)
-    fingerprint = request_hash(info.kind, config, name, tags, registration, priority)
+    fingerprint = request_hash(info.kind, config, name, tags, registration, priority, notify)
     if idempotency_key is not None:
         existing = store.by_idempotency_key(owner, idempotency_key)
         if existing is not None:
             return Accepted(replay_of(existing, info.kind, fingerprint), replayed=True)
+    webhooks = checked_webhooks(notify, settings)
     config = checked(config, settings.allowed_data_roots, settings.allowed_data_uris)
     quota = quota_for(settings.quotas, owner)
     refused = never_fits(quota, config, demand_of(config, settings.cluster_has_gpus))
@@ -212,6 +235,7 @@ def submit_job(
         checkpoint_uris=[],
         cancel_requested=False,
         priority=priority,
+        notify=webhooks or None,
     )
     try:
         store.add(job)

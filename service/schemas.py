@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from service.settings import Settings
-from service.store import Job, JobState
+from service.store import Job, JobState, Notification
+from service.webhooks import NotifyUrls, redacted
 from trainer.config import TrainConfig
 from trainer.mlflow_names import RESERVED_TAG_PREFIXES
 from trainer.spec import Registration, TrainJobSpec
@@ -81,6 +83,13 @@ UserTags = Annotated[
 ]
 """Free-form tags: bounded, and never one of klssl's or MLflow's own."""
 
+NOTIFY_DESCRIPTION = (
+    "Webhook URLs (http or https, at most 5) that receive one JSON POST when the job ends "
+    "(SUCCEEDED, FAILED, CANCELLED) and when its health becomes collapsed: Slack-compatible "
+    "(`text`) with the record's fields. Addresses must be public unless the deployment "
+    "allows more (notify_private_networks); no user:password@ in the URL."
+)
+
 
 Priority = Annotated[
     int,
@@ -106,6 +115,7 @@ class JobCreate(RequestBody, Registration):
         description="Free-form tags, also set on the MLflow run (not klssl.* or mlflow.*).",
     )
     priority: Priority = 0
+    notify: NotifyUrls = Field(default_factory=list, description=NOTIFY_DESCRIPTION)
 
 
 class JobProgress(BaseModel):
@@ -127,6 +137,34 @@ class JobProgress(BaseModel):
 def utc(moment: datetime) -> datetime:
     """A stored timestamp as UTC (SQLite returns them without a zone)."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+class NotificationOut(BaseModel):
+    """The delivery of one webhook notification."""
+
+    url: str = Field(description="The webhook, redacted as in `notify`.")
+    event: Literal["SUCCEEDED", "FAILED", "CANCELLED", "COLLAPSED"]
+    status: Literal["pending", "delivered", "gave_up"]
+    attempts: int = Field(description="POSTs made so far.")
+    delivered_at: datetime | None = None
+    next_attempt_at: datetime | None = Field(None, description="When it is tried (again).")
+    last_error: str | None = Field(None, description="Why the last attempt failed.")
+
+    @classmethod
+    def of(cls, row: Notification) -> NotificationOut:
+        """The response body of an outbox row."""
+        status: Literal["pending", "delivered", "gave_up"] = (
+            "delivered" if row.delivered_at else "pending" if row.next_attempt_at else "gave_up"
+        )
+        return cls(
+            url=redacted(row.url),
+            event=row.event,
+            status=status,
+            attempts=row.attempts,
+            delivered_at=utc(row.delivered_at) if row.delivered_at else None,
+            next_attempt_at=utc(row.next_attempt_at) if row.next_attempt_at else None,
+            last_error=row.last_error,
+        )
 
 
 class JobOut(BaseModel):
@@ -160,10 +198,22 @@ class JobOut(BaseModel):
         None, description="The model name its backbone is registered under when it succeeds."
     )
     register_alias: str | None = Field(None, description="The registered version's alias.")
+    notify: list[str] = Field(
+        default_factory=list,
+        description="Its webhooks, redacted (scheme, host and first path segment: the "
+        "rest of a webhook URL is often its secret).",
+    )
+    notifications: list[NotificationOut] | None = Field(
+        None,
+        description="Delivery of its notifications, oldest first (in the responses about "
+        "one record; null in lists).",
+    )
 
     @classmethod
-    def of(cls, job: Job, settings: Settings) -> JobOut:
-        """The response body of a record."""
+    def of(
+        cls, job: Job, settings: Settings, notifications: Sequence[Notification] | None = None
+    ) -> JobOut:
+        """The response body of a record (with ``notifications``: their delivery)."""
         mlflow_base = settings.mlflow_base_url()
         run_url = None
         if mlflow_base and job.mlflow_run_id and job.mlflow_experiment_id:
@@ -200,6 +250,10 @@ class JobOut(BaseModel):
             priority=job.priority or 0,
             attempts=job.attempts or 1,
             queue_reason=job.queue_reason if job.job_state is JobState.QUEUED else None,
+            notify=[redacted(url) for url in job.notify or []],
+            notifications=(
+                None if notifications is None else [NotificationOut.of(n) for n in notifications]
+            ),
             **(
                 job.spec.registration() if isinstance(job.spec, TrainJobSpec) else Registration()
             ).model_dump(),
@@ -257,6 +311,7 @@ class SweepCreate(RequestBody):
         description="Free-form tags, also set on the parent MLflow run (not klssl.* or mlflow.*).",
     )
     priority: Priority = 0
+    notify: NotifyUrls = Field(default_factory=list, description=NOTIFY_DESCRIPTION)
 
 
 class TrialOut(BaseModel):
@@ -280,13 +335,19 @@ class SweepOut(JobOut):
     best_trial: TrialOut | None = Field(None, description="The best trial so far.")
 
     @classmethod
-    def of_sweep(cls, job: Job, settings: Settings, trials: list[TrialRecord]) -> SweepOut:
+    def of_sweep(
+        cls,
+        job: Job,
+        settings: Settings,
+        trials: list[TrialRecord],
+        notifications: Sequence[Notification] | None = None,
+    ) -> SweepOut:
         """The response body of a sweep record and its trials."""
         assert isinstance(job.config, SweepConfig)
         metric, mode = job.config.objective
         best = best_trial(trials, metric, mode)
         return cls(
-            **JobOut.of(job, settings).model_dump(),
+            **JobOut.of(job, settings, notifications).model_dump(),
             metric=metric,
             mode=mode,
             trials=[TrialOut(**record.model_dump()) for record in trials],

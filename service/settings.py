@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.quotas import Quota
@@ -151,6 +151,38 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(
         5.0, gt=0, description="Timeout of readiness probes to Ray and MLflow."
+    )
+    notify_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="Timeout of each webhook notification's connect, send and answer.",
+    )
+    notify_max_attempts: int = Field(
+        8,
+        ge=1,
+        le=50,
+        description="Attempts at delivering one webhook notification before giving it up "
+        "(its last error stays in the job's record).",
+    )
+    notify_backoff_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Wait before a failed notification's second attempt; each further "
+        "wait doubles, up to an hour.",
+    )
+    notify_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names webhook URLs may name (`.example.com` also allows its "
+        "subdomains). Empty: any host whose addresses are public.",
+    )
+    notify_private_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Networks (CIDR) webhooks may reach besides public addresses, e.g. "
+        '`["10.20.0.0/16"]` for an in-cluster receiver. Loopback, private, link-local and '
+        "other non-public addresses are refused otherwise (webhooks are requests the "
+        "service makes for its users).",
     )
 
     @model_validator(mode="after")

@@ -4,13 +4,19 @@ The schema is kept by Alembic migrations (``service/migrations``), applied at st
 `JobStore.create_schema` (``alembic upgrade head`` on the store's engine). Every method
 opens its own short session, so the store can be shared by request handlers (worker
 threads) and the dispatcher.
+
+A job's webhook notifications (``notify``) are written to the ``notifications`` outbox
+in the transaction that records their event (a final state in `JobStore.transition`,
+the collapse verdict in `JobStore.update`), one row per (job, attempt, event, URL): a restart
+neither loses nor repeats one. `service.notifications` delivers them.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +25,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Boolean,
+    Connection,
     DateTime,
     Engine,
     Integer,
@@ -35,13 +42,15 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from trainer.config import TrainConfig
 from trainer.spec import TrainJobSpec
 from tuning.config import SweepConfig
 from tuning.spec import SweepJobSpec
+
+log = logging.getLogger(__name__)
 
 StoredSpec = TrainJobSpec | SweepJobSpec
 
@@ -83,6 +92,10 @@ ACTIVE_STATES = frozenset(
     {JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING, JobState.CANCELLING}
 )
 """States that may have a Ray job: they hold a slot of ``max_concurrent_jobs``."""
+
+COLLAPSED = "COLLAPSED"
+"""The notification event of a job whose health verdict became ``collapsed`` (the other
+events are the final states)."""
 
 
 def utcnow() -> datetime:
@@ -154,6 +167,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     """Submissions to Ray so far (or the coming one): a job Ray lost, or that its owner
     retried, runs again as the next attempt, resuming from its last checkpoint."""
+    notify: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    """Webhook URLs told of the job's final state and collapse (None: none)."""
 
     @property
     def config(self) -> TrainConfig | SweepConfig:
@@ -178,6 +193,43 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(256))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Notification(Base):
+    """One webhook notification of one event of a job: the outbox row its delivery works
+    from (`service.notifications.Notifier`).
+
+    ``next_attempt_at`` is when it is due; None once it is delivered or given up.
+    """
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        UniqueConstraint(
+            "job_id", "job_attempt", "event", "url", name="uq_notification_job_event_url"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # No foreign key: records are never deleted, and a key would tie every later batch
+    # migration of ``jobs`` on SQLite to this table.
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    job_attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """The job's attempt the event belongs to: a retried job that fails again is told of
+    again."""
+    event: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True, index=True
+    )
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+PayloadBuilder = Callable[[Job, str], dict[str, Any]]
+"""Builds the body of a job's notification of an event (`service.notifications.payload`)."""
 
 
 class IdempotencyConflictError(Exception):
@@ -239,16 +291,19 @@ def migrate_down(engine: Engine, revision: str) -> None:
 
 
 class JobStore:
-    """Create, read and update job records."""
+    """Create, read and update job records (and queue their notifications)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, payload: PayloadBuilder | None = None) -> None:
+        """``payload`` builds notification bodies (default: one without links, which need
+        the settings: `create_app` passes the settings' own)."""
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._payload = payload
 
     @classmethod
-    def from_url(cls, url: str) -> JobStore:
+    def from_url(cls, url: str, payload: PayloadBuilder | None = None) -> JobStore:
         """A store on a new engine for ``url``."""
-        return cls(make_engine(url))
+        return cls(make_engine(url), payload)
 
     def create_schema(self) -> None:
         """Bring the schema up to date (Alembic ``upgrade head``; a no-op when current)."""
@@ -368,9 +423,14 @@ class JobStore:
             job = session.get(Job, job_id)
             if job is None:
                 raise KeyError(job_id)
+            collapses = (
+                fields.get("progress_health") == "collapsed" and job.progress_health != "collapsed"
+            )
             for key, value in fields.items():
                 setattr(job, key, value)
             job.updated_at = utcnow()
+            if collapses:  # the verdict and its notifications: one transaction
+                self._queue_notifications(session.connection(), job, COLLAPSED)
             session.commit()
             return job
 
@@ -427,10 +487,110 @@ class JobStore:
             values["finished_at"] = now
         with self.engine.begin() as connection:
             # One conditional UPDATE: atomic on every database, with no read-then-write race.
-            connection.execute(
+            moved = connection.execute(
                 update(Job).where(Job.id == job_id, Job.state.in_(allowed)).values(**values)
             )
+            if state.final and moved.rowcount == 1:  # only the one move into it notifies
+                with Session(bind=connection) as session:
+                    final = session.get(Job, job_id)
+                assert final is not None
+                self._queue_notifications(connection, final, state.value)
         job = self.get(job_id)
         if job is None:
             raise KeyError(job_id)
         return job
+
+    def _queue_notifications(self, connection: Connection, job: Job, event: str) -> None:
+        """Outbox rows for ``event`` of ``job``, one per URL it has not had one for yet,
+        due now (in the caller's transaction)."""
+        if not job.notify:
+            return
+        done = set(
+            connection.scalars(
+                select(Notification.url).where(
+                    Notification.job_id == job.id,
+                    Notification.job_attempt == job.attempts,
+                    Notification.event == event,
+                )
+            )
+        )
+        urls = [url for url in job.notify if url not in done]
+        if not urls:
+            return
+        try:
+            if self._payload is None:
+                from service.notifications import payload  # it imports this module
+
+                body = payload(job, event, None)
+            else:
+                body = self._payload(job, event)
+        except Exception:  # a bug there must not stop a job from being recorded final
+            log.exception("notification payload of %s %s failed", job.id, event)
+            body = {"text": f"klssl job {job.id}: {event}", "event": event, "job_id": job.id,
+                    "state": job.state}  # fmt: skip
+        now = utcnow()
+        connection.execute(
+            insert(Notification),
+            [
+                {"job_id": job.id, "job_attempt": job.attempts, "event": event, "url": url,
+                 "payload": body,
+                 "attempts": 0, "created_at": now, "next_attempt_at": now}
+                for url in urls
+            ],
+        )  # fmt: skip
+
+    def notifications(self, job_id: str) -> list[Notification]:
+        """The notifications of a job, in the order they were queued."""
+        with self._sessions() as session:
+            query = (
+                select(Notification).where(Notification.job_id == job_id).order_by(Notification.id)
+            )
+            return list(session.scalars(query).all())
+
+    def due_notifications(self, now: datetime, limit: int) -> list[Notification]:
+        """Up to ``limit`` undelivered notifications due at ``now``, the longest-due first."""
+        query = (
+            select(Notification)
+            .where(Notification.next_attempt_at.is_not(None))
+            .where(Notification.next_attempt_at <= now)
+            .order_by(Notification.next_attempt_at, Notification.id)
+            .limit(limit)
+        )
+        with self._sessions() as session:
+            return list(session.scalars(query).all())
+
+    def claim_notification(self, row: Notification, until: datetime) -> bool:
+        """Hold a due notification until ``until`` before sending it: a compare-and-set on
+        its ``next_attempt_at``, so no other sender takes it meanwhile (if the sender dies,
+        it is due again then). False when another sender claimed or settled it first."""
+        with self.engine.begin() as connection:
+            claimed = connection.execute(
+                update(Notification)
+                .where(Notification.id == row.id)
+                .where(Notification.next_attempt_at == row.next_attempt_at)
+                .values(next_attempt_at=until)
+            )
+        return claimed.rowcount == 1
+
+    def settle_notification(
+        self,
+        notification_id: int,
+        *,
+        attempts: int,
+        next_attempt_at: datetime | None,
+        delivered_at: datetime | None = None,
+        last_error: str | None = None,
+    ) -> None:
+        """Record an attempt: delivered, due again at ``next_attempt_at``, or (both None)
+        given up."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(Notification)
+                .where(Notification.id == notification_id)
+                .values(
+                    attempts=attempts,
+                    next_attempt_at=next_attempt_at,
+                    delivered_at=delivered_at,
+                    last_error=last_error,
+                )
+            )

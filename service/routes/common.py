@@ -74,6 +74,7 @@ async def accept(
     idempotency_key: str | None,
     registration: Registration | None = None,
     priority: int = 0,
+    notify: list[str] | None = None,
 ) -> Accepted | JSONResponse:
     """Record a job or sweep (`submit_job`), or the 422 / 503 that says why not."""
     try:
@@ -89,6 +90,7 @@ async def accept(
             idempotency_key=idempotency_key,
             registration=registration,
             priority=priority,
+            notify=notify or [],
         )
     except InvalidJobError as error:
         return invalid(error)

@@ -69,11 +69,13 @@ async def create_job(
         idempotency_key,
         registration=body.registration(),
         priority=body.priority,
+        notify=body.notify,
     )
     if isinstance(accepted, JSONResponse):
         return accepted
     announce(accepted, response, dispatcher, "/v1/jobs")
-    return JobOut.of(accepted.job, settings)
+    job = accepted.job
+    return JobOut.of(job, settings, store.notifications(job.id) if accepted.replayed else [])
 
 
 @router.get("/jobs", response_model=JobList)
@@ -91,8 +93,9 @@ def list_jobs(
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=NOT_FOUND)
 async def get_job(job_id: str, reader: Reader, store: StoreDep, settings: SettingsDep) -> JobOut:
-    """A job's state, progress, links and checkpoints."""
-    return JobOut.of(find_job(store, job_id, reader), settings)
+    """A job's state, progress, links, checkpoints and notifications."""
+    job = find_job(store, job_id, reader)
+    return JobOut.of(job, settings, store.notifications(job.id))
 
 
 @router.post(
@@ -109,7 +112,8 @@ def cancel(
     settings: SettingsDep,
 ) -> JobOut:
     """Cancel a job (stops its Ray job); 409 when it already ended."""
-    return JobOut.of(cancel_owned(find_job(store, job_id, owner), store, ray, tracking), settings)
+    job = cancel_owned(find_job(store, job_id, owner), store, ray, tracking)
+    return JobOut.of(job, settings, store.notifications(job.id))
 
 
 @router.post(

@@ -52,15 +52,19 @@ def find_sweep(store: JobStore, sweep_id: str, caller: Caller) -> Job:
     return job
 
 
-async def with_trials(job: Job, tracking: Tracking, settings: SettingsDep) -> SweepOut:
-    """The sweep with its trials from MLflow (503 when MLflow does not answer)."""
+async def with_trials(
+    job: Job, store: JobStore, tracking: Tracking, settings: SettingsDep
+) -> SweepOut:
+    """The sweep with its trials from MLflow (503 when MLflow does not answer) and its
+    notifications."""
     trials = []
     if job.mlflow_run_id is not None:
         try:
             trials = await run_in_threadpool(tracking.trials, job.mlflow_run_id)
         except Exception as error:
             raise unavailable("MLflow", error) from None
-    return SweepOut.of_sweep(job, settings, trials)
+    notifications = await run_in_threadpool(store.notifications, job.id)
+    return SweepOut.of_sweep(job, settings, trials, notifications)
 
 
 @router.post(
@@ -91,11 +95,16 @@ async def create_sweep(
         settings,
         idempotency_key,
         priority=body.priority,
+        notify=body.notify,
     )
     if isinstance(accepted, JSONResponse):
         return accepted
     announce(accepted, response, dispatcher, "/v1/sweeps")
-    return SweepOut.of_sweep(accepted.job, settings, [])
+    job = accepted.job
+    notifications = (
+        await run_in_threadpool(store.notifications, job.id) if accepted.replayed else []
+    )
+    return SweepOut.of_sweep(job, settings, [], notifications)
 
 
 @router.get("/sweeps", response_model=JobList)
@@ -117,7 +126,7 @@ async def get_sweep(
 ) -> SweepOut:
     """A sweep's state and its trials: configs, metrics, states and the best trial."""
     job = await run_in_threadpool(find_sweep, store, sweep_id, reader)
-    return await with_trials(job, tracking, settings)
+    return await with_trials(job, store, tracking, settings)
 
 
 @router.post(
@@ -136,7 +145,7 @@ async def cancel_sweep(
     """Cancel a sweep: its Ray job stops, and with it every running trial; 409 when ended."""
     job = await run_in_threadpool(find_sweep, store, sweep_id, owner)
     cancelled = await run_in_threadpool(cancel_owned, job, store, ray, tracking)
-    return await with_trials(cancelled, tracking, settings)
+    return await with_trials(cancelled, store, tracking, settings)
 
 
 @router.post(
@@ -157,4 +166,4 @@ async def retry_sweep(
     job = await run_in_threadpool(find_sweep, store, sweep_id, owner)
     retried = await run_in_threadpool(retry_owned, job, store, tracking)
     dispatcher.wakeup.set()
-    return await with_trials(retried, tracking, settings)
+    return await with_trials(retried, store, tracking, settings)

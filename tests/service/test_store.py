@@ -111,3 +111,61 @@ def test_a_lease_has_one_holder_until_it_expires_or_is_released(store: JobStore)
     time.sleep(0.4)  # b's lease expires: b died, a takes over
     assert store.acquire_lease("dispatcher", "a", ttl_s=60)
     assert not store.acquire_lease("dispatcher", "b", ttl_s=60)
+
+
+def test_the_notifications_migration_upgrades_a_v0006_store(tmp_path: Path) -> None:
+    """0007 adds ``jobs.notify`` (NULL for older records) and the outbox table; a
+    downgrade removes both and keeps the records."""
+    from sqlalchemy import inspect, text
+
+    from service.store import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'v6.db'}")
+    migrate(engine, "0006")
+    spec = TrainJobSpec(config=TrainConfig(name="old"), owner="alice")
+    now = utcnow().isoformat()
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO jobs (id, name, kind, owner, spec, tags, state, created_at,"
+                " updated_at, progress_metrics, checkpoint_uris, cancel_requested)"
+                " VALUES ('job-6', 'old', 'train', 'alice', :spec, '{}', 'RUNNING', :now,"
+                " :now, '{}', '[]', 0)"
+            ),
+            {"spec": spec.model_dump_json(), "now": now},
+        )
+    migrate(engine)
+    store = JobStore(engine)
+    job = store.get("job-6")
+    assert job is not None and job.notify is None and job.config.name == "old"
+    assert store.transition("job-6", JobState.SUCCEEDED).state == "SUCCEEDED"
+    assert store.notifications("job-6") == []  # it asked for none
+    migrate_down(engine, "0006")
+    tables = inspect(engine).get_table_names()
+    assert "notifications" not in tables
+    assert "notify" not in {column["name"] for column in inspect(engine).get_columns("jobs")}
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT state FROM jobs")).scalar_one() == "SUCCEEDED"
+
+
+def test_each_event_of_a_job_is_queued_once_per_url(store: JobStore) -> None:
+    job = record()
+    job.notify = ["https://hooks.example.com/a", "https://hooks.example.com/b"]
+    store.add(job)
+    store.update(job.id, progress_health="ok")
+    assert store.notifications(job.id) == []
+    for _ in range(2):
+        store.update(job.id, progress_health="collapsed", progress_collapse_step=40)
+    store.update(job.id, progress_health="ok")
+    store.update(job.id, progress_health="collapsed")  # collapsed again: already told
+    store.transition(job.id, JobState.RUNNING)
+    store.transition(job.id, JobState.FAILED, error="boom")
+    store.transition(job.id, JobState.CANCELLED)  # a final state is never left: no event
+    rows = store.notifications(job.id)
+    assert [(row.event, row.url[-1]) for row in rows] == [
+        ("COLLAPSED", "a"), ("COLLAPSED", "b"), ("FAILED", "a"), ("FAILED", "b"),
+    ]  # fmt: skip
+    failed = rows[2].payload
+    assert (failed["event"], failed["state"], failed["error"]) == ("FAILED", "FAILED", "boom")
+    assert failed["mlflow_run_url"] is None  # a store without settings has no links
+    assert all(row.next_attempt_at is not None and row.attempts == 0 for row in rows)
