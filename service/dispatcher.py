@@ -21,13 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from service.job_kinds import KINDS, kind_of_job
+from service.leases import Leadership
 from service.quotas import Demand, Usage, demand_of, over_quota, quota_for, usage_by_owner
 from service.ray_jobs import (
     RayJobNotFoundError,
@@ -72,24 +70,17 @@ class Dispatcher:
         self.wakeup = asyncio.Event()
         self.ray_reachable: bool | None = None
         self.mlflow_reachable = True
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.leading: bool | None = None
+        self.leadership = Leadership(
+            self.store, LEASE, self.settings.dispatcher_lease_s, working="dispatches"
+        )
 
     def lead(self) -> bool:
-        """Take or renew the deployment's dispatcher lease; whether this one leads."""
-        leading = self.store.acquire_lease(LEASE, self.holder, self.settings.dispatcher_lease_s)
-        if leading != self.leading:
-            log.info(
-                "dispatcher %s %s", self.holder,
-                "leads" if leading else "stands by: another API process dispatches",
-            )  # fmt: skip
-            self.leading = leading
-        return leading
+        """Take or renew the deployment's dispatcher lease; whether this one works."""
+        return self.leadership.lead()
 
     def resign(self) -> None:
-        """Give the lease up (at shutdown), so another process leads at once."""
-        self.store.release_lease(LEASE, self.holder)
-        self.leading = None
+        """Give the lease up (at shutdown), so another process takes over at once."""
+        self.leadership.resign()
 
     def run_once(self) -> None:
         """Reconcile the active jobs, then dispatch queued ones into the free slots

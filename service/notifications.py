@@ -23,10 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import re
-import socket
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -34,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from service.leases import Leadership
 from service.schemas import JobOut, utc
 from service.settings import Settings
 from service.store import COLLAPSED, Job, JobStore, Notification, utcnow
@@ -148,24 +146,17 @@ class Notifier:
     settings: Settings
 
     def __post_init__(self) -> None:
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.leading: bool | None = None
+        self.leadership = Leadership(
+            self.store, LEASE, self.settings.dispatcher_lease_s, working="delivers"
+        )
 
     def lead(self) -> bool:
-        """Take or renew the deployment's notifier lease; whether this one delivers."""
-        leading = self.store.acquire_lease(LEASE, self.holder, self.settings.dispatcher_lease_s)
-        if leading != self.leading:
-            log.info(
-                "notifier %s %s", self.holder,
-                "delivers" if leading else "stands by: another API process delivers",
-            )  # fmt: skip
-            self.leading = leading
-        return leading
+        """Take or renew the deployment's notifier lease; whether this one works."""
+        return self.leadership.lead()
 
     def resign(self) -> None:
-        """Give the lease up (at shutdown), so another process delivers at once."""
-        self.store.release_lease(LEASE, self.holder)
-        self.leading = None
+        """Give the lease up (at shutdown), so another process takes over at once."""
+        self.leadership.resign()
 
     @property
     def claim_s(self) -> float:

@@ -102,7 +102,14 @@ Priority = Annotated[
 ]
 
 
-class JobCreate(RequestBody, Registration):
+class Submission(RequestBody):
+    """What a job and a sweep request carry besides their config, name and tags."""
+
+    priority: Priority = 0
+    notify: NotifyUrls = Field(default_factory=list, description=NOTIFY_DESCRIPTION)
+
+
+class JobCreate(Submission, Registration):
     """A training job to run: a TrainConfig plus an optional display name, tags and the
     model name (and alias) to register its backbone under."""
 
@@ -114,8 +121,6 @@ class JobCreate(RequestBody, Registration):
         default_factory=dict,
         description="Free-form tags, also set on the MLflow run (not klssl.* or mlflow.*).",
     )
-    priority: Priority = 0
-    notify: NotifyUrls = Field(default_factory=list, description=NOTIFY_DESCRIPTION)
 
 
 class JobProgress(BaseModel):
@@ -299,7 +304,7 @@ class Readiness(BaseModel):
     checks: dict[str, Check]
 
 
-class SweepCreate(RequestBody):
+class SweepCreate(Submission):
     """A sweep to run: a SweepConfig plus an optional display name and tags."""
 
     name: str | None = Field(
@@ -310,8 +315,6 @@ class SweepCreate(RequestBody):
         default_factory=dict,
         description="Free-form tags, also set on the parent MLflow run (not klssl.* or mlflow.*).",
     )
-    priority: Priority = 0
-    notify: NotifyUrls = Field(default_factory=list, description=NOTIFY_DESCRIPTION)
 
 
 class TrialOut(BaseModel):

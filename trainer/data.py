@@ -748,12 +748,13 @@ class EpochSampler(DistributedSampler[Any]):
             yield self.epoch, index
 
 
-class MultiCropViews(Dataset[tuple[list[Tensor], int]]):
-    """``(views, label)`` for ``(epoch, index)`` keys: the multi-crop views of an image.
+class _KeyedImages(Dataset[Any]):
+    """Images for ``(epoch, index)`` keys, each with a generator seeded by
+    (seed, epoch, index): the base of `MultiCropViews` and `MultiCropImages`.
 
     Args:
         dataset: items ``(uint8 (3, H, W), label)``.
-        augmentation: makes the views.
+        augmentation: makes (or samples the parameters of) the views.
         seed: with the epoch and the index, seeds the generator of each item's views.
     """
 
@@ -767,34 +768,30 @@ class MultiCropViews(Dataset[tuple[list[Tensor], int]]):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[Tensor], int]:
+    def item(self, key: tuple[int, int]) -> tuple[Tensor, int, torch.Generator]:
+        """The image and label of ``key`` and the generator of its views."""
         epoch, index = key
         image, label = self.dataset[index]
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+        return image, label, torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+
+
+class MultiCropViews(_KeyedImages):
+    """``(views, label)`` for ``(epoch, index)`` keys: the multi-crop views of an image."""
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[Tensor], int]:
+        image, label, generator = self.item(key)
         return self.augmentation(image, generator=generator), label
 
 
-class MultiCropImages(Dataset[tuple[Tensor, int, Tensor]]):
+class MultiCropImages(_KeyedImages):
     """``(image, label, view table)`` for ``(epoch, index)`` keys: an image and the
     parameters of its views (`trainer.augment_device.view_table`), drawn from the
     generator `MultiCropViews` seeds for the same key, so the device renders the views
     the CPU pipeline would make.
     """
 
-    def __init__(
-        self, dataset: Dataset[Item], augmentation: MultiCropAugmentation, seed: int
-    ) -> None:
-        self.dataset = dataset
-        self.augmentation = augmentation
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int, Tensor]:
-        epoch, index = key
-        image, label = self.dataset[index]
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+        image, label, generator = self.item(key)
         params = self.augmentation.sample(image.shape[-2], image.shape[-1], generator)
         return image, label, view_table(params)
 

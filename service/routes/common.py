@@ -23,13 +23,11 @@ from service.jobs import (
     submit_job,
 )
 from service.ray_jobs import RayJobsClient, RayUnavailableError
-from service.schemas import JobList, JobOut
+from service.schemas import JobCreate, JobList, JobOut, SweepCreate
 from service.settings import Settings
 from service.store import Job, JobKind, JobState, JobStore
 from service.tracking import Tracking, TrackingUnavailableError
-from trainer.config import TrainConfig
 from trainer.spec import Registration
-from tuning.config import SweepConfig
 
 BodyModel = TypeVar("BodyModel", bound=BaseModel)
 
@@ -64,19 +62,15 @@ def find_job(store: JobStore, job_id: str, caller: Caller) -> Job:
 
 
 async def accept(
-    config: TrainConfig | SweepConfig,
-    name: str | None,
-    tags: dict[str, str],
+    body: JobCreate | SweepCreate,
     owner: str,
     store: JobStore,
     tracking: Tracking,
     settings: Settings,
     idempotency_key: str | None,
-    registration: Registration | None = None,
-    priority: int = 0,
-    notify: list[str] | None = None,
 ) -> Accepted | JSONResponse:
-    """Record a job or sweep (`submit_job`), or the 422 / 503 that says why not."""
+    """Record the job or sweep of a request (`submit_job`), or the 422 / 503 that says
+    why not."""
     try:
         return await run_in_threadpool(
             submit_job,
@@ -84,13 +78,13 @@ async def accept(
             tracking,
             settings,
             owner=owner,
-            config=config,
-            name=name,
-            tags=tags,
+            config=body.config,
+            name=body.name,
+            tags=body.tags,
             idempotency_key=idempotency_key,
-            registration=registration,
-            priority=priority,
-            notify=notify or [],
+            registration=body.registration() if isinstance(body, Registration) else None,
+            priority=body.priority,
+            notify=body.notify,
         )
     except InvalidJobError as error:
         return invalid(error)

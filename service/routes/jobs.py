@@ -58,19 +58,7 @@ async def create_job(
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut | JSONResponse:
     """Accept a training job: recorded QUEUED with its MLflow run, then dispatched to Ray."""
-    accepted = await accept(
-        body.config,
-        body.name,
-        body.tags,
-        owner.owner,
-        store,
-        tracking,
-        settings,
-        idempotency_key,
-        registration=body.registration(),
-        priority=body.priority,
-        notify=body.notify,
-    )
+    accepted = await accept(body, owner.owner, store, tracking, settings, idempotency_key)
     if isinstance(accepted, JSONResponse):
         return accepted
     announce(accepted, response, dispatcher, "/v1/jobs")

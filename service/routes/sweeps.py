@@ -85,18 +85,7 @@ async def create_sweep(
     idempotency_key: IdempotencyKey = None,
 ) -> SweepOut | JSONResponse:
     """Accept a sweep: recorded QUEUED with its parent MLflow run, then dispatched to Ray."""
-    accepted = await accept(
-        body.config,
-        body.name,
-        body.tags,
-        owner.owner,
-        store,
-        tracking,
-        settings,
-        idempotency_key,
-        priority=body.priority,
-        notify=body.notify,
-    )
+    accepted = await accept(body, owner.owner, store, tracking, settings, idempotency_key)
     if isinstance(accepted, JSONResponse):
         return accepted
     announce(accepted, response, dispatcher, "/v1/sweeps")

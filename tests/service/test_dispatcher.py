@@ -235,16 +235,16 @@ def test_two_dispatchers_on_one_store_dispatch_as_one(
     for _ in range(3):
         first.run_once()
         second.run_once()
-    assert (first.leading, second.leading) == (True, False)
+    assert (first.leadership.leading, second.leadership.leading) == (True, False)
     assert len(fake_ray.submissions) == 2
     assert states(services, ids).count("PENDING") == 2
     first.resign()  # its process stops
     for job_id in ids[:2]:
         fake_ray.set(submission_id(job_id), JobState.SUCCEEDED)
     second.run_once()
-    assert second.leading and len(fake_ray.submissions) == 4
+    assert second.leadership.leading and len(fake_ray.submissions) == 4
     first.run_once()
-    assert first.leading is False and len(fake_ray.submissions) == 4
+    assert first.leadership.leading is False and len(fake_ray.submissions) == 4
 
 
 def test_a_failed_or_cancelled_job_is_retried_into_its_mlflow_run(
