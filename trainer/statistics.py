@@ -13,10 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
-
-from trainer.objective import entropy
 
 
 def distributed_ready() -> bool:
@@ -83,14 +80,20 @@ class ClusterStatistics(nn.Module):
     def measure(self, teacher_logits: Tensor, teacher_temp: float) -> BatchStatistics:
         """Global-batch statistics of ``teacher_logits`` (N, K), in one all-reduce."""
         logits = teacher_logits.detach().float().reshape(-1, self.prior.numel())
-        probs = F.softmax(logits / teacher_temp, dim=-1)
+        # log P_t in place of the scaled logits, P_t from it: the entropies are then one
+        # dot product, sum_x H(P_t(.|x)) = -<P_t, log P_t>, with no (N, K) temporary
+        # (at K = 65536 each pass over (N, K) is a good part of the step's statistics).
+        log_probs = logits / teacher_temp
+        log_probs -= torch.logsumexp(log_probs, dim=-1, keepdim=True)
+        probs = log_probs.exp()
+        flat = logits.reshape(-1)
         # One flat buffer, so a step costs a single collective of 2K + 3 floats.
         sums = torch.cat(
             [
                 probs.sum(dim=0),
                 logits.sum(dim=0),
-                entropy(probs).sum().reshape(1),
-                logits.square().sum().reshape(1),
+                -torch.dot(probs.reshape(-1), log_probs.reshape(-1)).reshape(1),
+                torch.dot(flat, flat).reshape(1),
                 torch.tensor([float(logits.shape[0])], device=logits.device),
             ]
         )

@@ -94,7 +94,8 @@ def test_batch_statistics_report_the_global_batch() -> None:
     flat = teacher.reshape(-1, NUM_CLUSTERS)
     probs = F.softmax(flat.double() / TEACHER_TEMP, dim=-1)
     assert batch.count.item() == TEACHER_VIEWS * 6
-    torch.testing.assert_close(batch.prior.double(), probs.mean(dim=0))
+    # float32 statistics against a float64 reference: float32's precision.
+    torch.testing.assert_close(batch.prior.double(), probs.mean(dim=0), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(batch.center.double(), flat.double().mean(dim=0))
     expected_entropy = -(probs * probs.clamp_min(1e-300).log()).sum(dim=-1).mean()
     torch.testing.assert_close(
