@@ -178,7 +178,8 @@ class _CrossViewLoss(torch.autograd.Function):
         targets = targets.to(dtype)
         summed = targets.sum(dim=0)
         all_pairs = (summed * log_p.sum(dim=0)).sum()
-        same_view = (targets * log_p[:teacher_views]).sum()
+        # A dot product: no temporary of the teacher views' size (K up to 65536).
+        same_view = torch.dot(targets.reshape(-1), log_p[:teacher_views].reshape(-1))
         scale = 1.0 / (pairs * batch)
         ctx.save_for_backward(log_p, targets, summed)
         ctx.scale, ctx.student_temp, ctx.dtype = scale, student_temp, student_logits.dtype
