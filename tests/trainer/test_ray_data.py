@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from tests import factories
 from tests.trainer.test_files import digit_images
+from trainer.augment import MultiCropAugmentation
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import (
     ImageFiles,
@@ -190,7 +191,7 @@ def test_views_replace_an_unreadable_image_by_a_readable_one_of_the_batch(
         key: np.array(values, dtype=object if key == "path" else None)
         for key, values in table.items()
     }
-    out = make_views(batch, config.data.model_dump(mode="json"), seed=0)
+    out = make_views(batch, MultiCropAugmentation(config.data), seed=0)
     corrupt = np.isin(out["id"], [0, 1])
     assert out["unreadable"].tolist() == corrupt.tolist()
     assert set(out["label"][corrupt]) <= {2, 3, 4, 5}  # a readable image's own label
@@ -209,7 +210,7 @@ def test_a_batch_without_a_readable_image_fails_naming_one(tmp_path: Path) -> No
         for key, values in table.items()
     }
     with pytest.raises(UnreadableImagesError, match="img_000"):
-        make_views(batch, config.data.model_dump(mode="json"), seed=0)
+        make_views(batch, MultiCropAugmentation(config.data), seed=0)
 
 
 def test_in_memory_images_travel_as_pixels_in_a_seeded_order() -> None:

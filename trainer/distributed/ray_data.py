@@ -89,7 +89,7 @@ def train_dataset(config: TrainConfig) -> ray.data.Dataset:
     return rows.randomize_block_order(
         seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
     ).map_batches(
-        functools.partial(make_views, data=config.data.model_dump(mode="json"), seed=seed),
+        functools.partial(make_views, augmentation=MultiCropAugmentation(config.data), seed=seed),
         batch_size=VIEW_BATCH,
         batch_format="numpy",
     )
@@ -154,8 +154,13 @@ def _select_rows(
     }
 
 
-def make_views(batch: dict[str, np.ndarray], data: dict[str, Any], seed: int) -> dict[str, Any]:
+def make_views(
+    batch: dict[str, np.ndarray], augmentation: MultiCropAugmentation, seed: int
+) -> dict[str, Any]:
     """Decode (when needed) and augment one batch of rows into multi-crop views.
+
+    ``augmentation`` is built once on the driver and travels with the task (not rebuilt
+    from the config for every batch).
 
     Unreadable images are replaced by readable ones of the same batch, labels included,
     and flagged in ``unreadable``.
@@ -163,7 +168,6 @@ def make_views(batch: dict[str, np.ndarray], data: dict[str, Any], seed: int) ->
     Raises:
         UnreadableImagesError: no image of the batch can be decoded.
     """
-    config = DataConfig.model_validate(data)
     images, unreadable = _decode(batch)
     readable = np.flatnonzero(~unreadable)
     if readable.size == 0:
@@ -178,12 +182,11 @@ def make_views(batch: dict[str, np.ndarray], data: dict[str, Any], seed: int) ->
     generator = torch.Generator().manual_seed(
         mix_seed(seed, int(ids[0]), int.from_bytes(os.urandom(8), "little"))
     )
-    augmentation = MultiCropAugmentation(config)
     chosen = [images[i] for i in source]  # every one readable, by construction of source
     per_image = [augmentation(image, generator=generator) for image in chosen if image is not None]
     views = {
         f"view_{v}": torch.stack([views[v] for views in per_image]).numpy()
-        for v in range(config.num_views)
+        for v in range(augmentation.num_global_crops + augmentation.num_local_crops)
     }
     return {"id": ids, "label": batch["label"][source], "unreadable": unreadable, **views}
 
