@@ -161,6 +161,7 @@ def state_payload(state: TrainingState) -> dict[str, Any]:
         "scaler": None if state.scaler is None else state.scaler.state_dict(),
         "epoch": state.epoch,
         "step": state.step,
+        "epoch_samples": state.epoch_samples,
         "health": state.health.state_dict(),
         "rng": rng_state(),
         FORMAT_KEY: CHECKPOINT_FORMAT,
@@ -225,6 +226,7 @@ def restore_state(state: TrainingState, payload: dict[str, Any]) -> None:
         state.scaler.load_state_dict(payload["scaler"])
     state.epoch = payload["epoch"]
     state.step = payload["step"]
+    state.epoch_samples = payload.get("epoch_samples", 0)  # 0: taken at an epoch's end
     if "health" in payload:  # checkpoints written before the health verdict existed
         state.health.load_state_dict(payload["health"])
     set_rng_state(payload["rng"])
@@ -236,9 +238,21 @@ def checkpoint_due(config: TrainConfig, epoch: int) -> bool:
     return epoch % every == 0 or epoch == config.schedule.epochs
 
 
-def checkpoint_name(epoch: int) -> str:
-    """The directory name of the checkpoint taken after ``epoch`` completed epochs."""
-    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+def step_checkpoint_due(config: TrainConfig, step: int) -> bool:
+    """Whether a mid-epoch checkpoint is taken after optimiser step ``step``."""
+    every = config.runtime.checkpoint_every_steps
+    return every > 0 and step % every == 0
+
+
+def checkpoint_name(epoch: int, step: int | None = None) -> str:
+    """The directory name of a checkpoint after ``epoch`` completed epochs.
+
+    One taken within the next epoch also names its ``step``; names sort in the order
+    the checkpoints were taken (``epoch_0003`` < ``epoch_0003_step_00000450`` <
+    ``epoch_0004``).
+    """
+    name = f"{CHECKPOINT_PREFIX}{epoch:04d}"
+    return name if step is None else f"{name}_step_{step:08d}"
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -495,6 +495,14 @@ class RuntimeConfig(_Section):
     checkpoint_every_epochs: int = Field(
         1, ge=1, le=MAX_EPOCHS, description="Checkpoint every N epochs."
     )
+    checkpoint_every_steps: int = Field(
+        0,
+        ge=0,
+        le=MAX_STEPS,
+        description="Also checkpoint every N optimiser steps within an epoch, with the "
+        "data loader's position, so a preempted long epoch resumes at its step instead of "
+        "its start (0: at epoch ends only). Needs data.loader 'torch'.",
+    )
     log_every_steps: int = Field(10, ge=1, le=MAX_STEPS, description="Diagnostics every N steps.")
     num_workers: int = Field(
         1, ge=1, le=MAX_WORKERS, description="Data-parallel training workers (Ray)."
@@ -538,6 +546,19 @@ class TrainConfig(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _mid_epoch_checkpoints_need_a_position(self) -> Self:
+        # A torch loader's epoch is a seeded permutation, so "the first n images of epoch
+        # e" names exactly what was trained on; Ray Data's streaming split hands blocks to
+        # workers in whatever order they ask, so it has no such position to resume at.
+        if self.runtime.checkpoint_every_steps > 0 and self.data.loader == "ray":
+            raise ValueError(
+                "runtime.checkpoint_every_steps needs data.loader 'torch': a Ray Data "
+                "stream has no position to resume an epoch at; set it to 0 (checkpoints at "
+                "epoch ends) or use data.loader 'torch'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _augmentation_on_a_cuda_device(self) -> Self:

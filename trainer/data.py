@@ -735,17 +735,57 @@ def _cap(indices: list[int], labels: Sequence[int], limit: int | None) -> list[i
 
 
 class EpochSampler(DistributedSampler[Any]):
-    """A `DistributedSampler` that yields ``(epoch, index)`` pairs.
+    """A `DistributedSampler` that yields ``(epoch, index)`` pairs and can start mid-epoch.
 
     The epoch travels with each index to the dataset (also into worker processes, which
     never see ``set_epoch`` calls), so a view's randomness can be a function of
     (seed, epoch, index) alone: the same views whatever the number of loader workers or
     the order in which they finish.
+
+    An epoch is one permutation of the dataset (seeded by seed + epoch, as
+    `DistributedSampler`'s), dealt to the ranks in turn. After b batches of B on each of
+    W ranks the images trained on are exactly the permutation's first b * B * W, whatever
+    W is; `set_position` skips them, which is how a mid-epoch checkpoint resumes (the
+    loader's state is that one number, the checkpoint's ``epoch_samples``). Without a
+    position the indices are `DistributedSampler`'s own.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.drop_last:
+            raise ValueError("EpochSampler deals whole rounds only: build it with drop_last")
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning."""
+        self.set_position(epoch, 0)
+
+    def set_position(self, epoch: int, consumed: int) -> None:
+        """Start ``epoch`` after the first ``consumed`` images of its permutation."""
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if not 0 <= consumed <= size:
+            raise ValueError(f"position {consumed} is outside an epoch of {size} images")
+        super().set_epoch(epoch)
+        self.start = consumed
+
+    def _order(self) -> list[int]:
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if not self.shuffle:
+            return list(range(size))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(size, generator=generator).tolist()
+
+    def _remaining(self) -> int:
+        """Images left to each rank (the permutation's tail, dropped to a multiple of W)."""
+        return (len(self.dataset) - self.start) // self.num_replicas  # type: ignore[arg-type]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in super().__iter__():
+        dealt = self._order()[self.start :][: self._remaining() * self.num_replicas]
+        for index in dealt[self.rank :: self.num_replicas]:
             yield self.epoch, index
+
+    def __len__(self) -> int:
+        return self._remaining()
 
 
 class _KeyedImages(Dataset[Any]):

@@ -45,6 +45,9 @@ class TrainingState:
     """Optimiser steps taken so far (the global step of metrics)."""
     epoch: int = 0
     """Completed epochs."""
+    epoch_samples: int = 0
+    """Images of the current epoch trained on so far over all workers: the first ones of
+    its permutation (`trainer.data.EpochSampler`), where a mid-epoch checkpoint resumes."""
     health: HealthMonitor = field(default_factory=HealthMonitor)
     """The collapse verdict, fed every log interval."""
 
@@ -292,6 +295,8 @@ def train_one_epoch(
     world_size: int = 1,
     on_log: StepCallback | None = None,
     augment: Callable[[Any], list[Tensor]] | None = None,
+    between_steps: Callable[[TrainingState], None] | None = None,
+    steps_per_epoch: int | None = None,
 ) -> dict[str, float]:
     """Train one epoch; returns the epoch's mean loss and its last diagnostics.
 
@@ -302,11 +307,21 @@ def train_one_epoch(
     ``augment`` (`trainer.augment_device.DeviceMultiCrop.batch_views`) turns the first
     element of each batch, the loader's images, into the views on ``device``; without
     it that element is the views, copied to ``device``.
+
+    ``between_steps`` is called after every step but the epoch's last (whose state the
+    epoch end reports): where a runner takes mid-epoch checkpoints. An epoch resumed
+    mid-way (``state.epoch_samples`` > 0, the loader started after those images) counts
+    its fractional ``epoch`` metric against the full ``steps_per_epoch`` (default: the
+    loader's length).
     """
     state.student.train()
     state.teacher.train()
     loss_sum = torch.zeros((), device=device)
     steps = 0
+    # A resumed epoch's loader starts after the checkpoint's images: count from there.
+    length = _length(loader, 0)
+    full_epoch = steps_per_epoch or length
+    steps_before = full_epoch - length if state.epoch_samples and length else 0
     last: dict[str, float] = {}
     window_start, window_images = time.perf_counter(), 0
     for is_last, (views, _labels) in _flag_last(loader):
@@ -323,6 +338,7 @@ def train_one_epoch(
         steps += 1
         loss_sum += result.loss
         window_images += views[0].shape[0] * world_size
+        state.epoch_samples += views[0].shape[0] * world_size
         if log_now:
             elapsed = time.perf_counter() - window_start
             last = {name: float(value) for name, value in result.diagnostics.items()}
@@ -332,15 +348,19 @@ def train_one_epoch(
                 "teacher_temp": schedule.teacher_temp,
                 "teacher_momentum": schedule.teacher_momentum,
                 "images_per_s": window_images / max(elapsed, 1e-9),
-                "epoch": state.epoch + steps / _length(loader, steps),
+                "epoch": state.epoch
+                + (steps_before + steps) / max(full_epoch, steps_before + steps),
             }
             last |= state.health.observe(state.step, last).metrics()
             if on_log is not None:
                 on_log(state, last)
             window_start, window_images = time.perf_counter(), 0
+        if not is_last and between_steps is not None:
+            between_steps(state)
     if steps == 0:
         raise RuntimeError("the training loader yielded no batch: dataset smaller than a batch?")
     state.epoch += 1
+    state.epoch_samples = 0
     return last | {"epoch_loss": float(loss_sum) / steps, "epoch": float(state.epoch)}
 
 

@@ -65,10 +65,17 @@ class LocalHooks:
 
     def on_epoch_end(self, state: TrainingState, metrics: dict[str, float]) -> None:
         self._write({"step": state.step, "epoch_end": state.epoch, **metrics})
+        if checkpoint_due(self.run.config, state.epoch):
+            self._save(checkpoint_name(state.epoch), state)
+
+    def save_mid_epoch(self, state: TrainingState) -> None:
+        """A checkpoint within an epoch (``runtime.checkpoint_every_steps``)."""
+        self._save(checkpoint_name(state.epoch, state.step), state)
+
+    def _save(self, name: str, state: TrainingState) -> None:
         config = self.run.config
-        if checkpoint_due(config, state.epoch):
-            save_checkpoint(self.checkpoint_root / checkpoint_name(state.epoch), state, config)
-            prune_checkpoints(self.checkpoint_root, config.runtime.keep_checkpoints)
+        save_checkpoint(self.checkpoint_root / name, state, config)
+        prune_checkpoints(self.checkpoint_root, config.runtime.keep_checkpoints)
 
     def _write(self, record: dict[str, Any]) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")
@@ -146,7 +153,7 @@ def train_locally(
     try:
         if progress is not None:
             progress.start()
-        metrics = run_training(run, hooks, resume=payload)
+        metrics = run_training(run, hooks, resume=payload, checkpoint=hooks.save_mid_epoch)
     finally:
         if progress is not None:
             progress.stop()

@@ -21,11 +21,12 @@ from torch.utils.data import DataLoader
 
 from trainer.acceleration import accelerate, pin_memory_wanted
 from trainer.augment_device import DeviceMultiCrop, augmentation_device
-from trainer.checkpoint import restore_state
+from trainer.checkpoint import restore_state, step_checkpoint_due
 from trainer.config import Precision, TrainConfig
 from trainer.data import (
     DataSplits,
     EncodedImages,
+    EpochSampler,
     build_splits,
     make_eval_loader,
     make_train_loader,
@@ -289,6 +290,7 @@ def run_training(
     resume: dict[str, Any] | None = None,
     evaluates: bool = True,
     until_epoch: int | None = None,
+    checkpoint: Callable[[TrainingState], None] | None = None,
 ) -> dict[str, float]:
     """Train from the run's current state (or ``resume`` payload) to the last epoch.
 
@@ -299,6 +301,9 @@ def run_training(
         evaluates: whether this worker runs the k-NN evaluation (rank 0 on a cluster).
         until_epoch: stop after this many completed epochs (default: the config's
             ``schedule.epochs``); the schedules still span the whole run.
+        checkpoint: takes a mid-epoch checkpoint of the state; called every
+            ``runtime.checkpoint_every_steps`` steps (never at an epoch's last step, which
+            the epoch end covers).
 
     Returns:
         The metrics of the last epoch, with k-NN accuracy when evaluated.
@@ -311,9 +316,16 @@ def run_training(
     if resume is not None:
         restore_state(run.state, resume)
     metrics: dict[str, float] = {}
+
+    def between_steps(state: TrainingState) -> None:
+        if checkpoint is not None and step_checkpoint_due(config, state.step):
+            checkpoint(state)
+
     for epoch in range(run.state.epoch, until_epoch or config.schedule.epochs):
         if isinstance(run.train_loader, DataLoader):
-            run.train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+            # After a mid-epoch checkpoint, past the images its steps trained on.
+            sampler: EpochSampler = run.train_loader.sampler  # type: ignore[assignment]
+            sampler.set_position(epoch, run.state.epoch_samples)
         metrics = train_one_epoch(
             run.state,
             run.train_loader,
@@ -324,6 +336,8 @@ def run_training(
             world_size=run.world_size,
             on_log=hooks.on_log,
             augment=None if run.augment is None else run.augment.batch_views,
+            between_steps=between_steps,
+            steps_per_epoch=run.schedules.steps_per_epoch,
         )
         last_epoch = epoch + 1 == config.schedule.epochs
         every = config.eval.every_epochs

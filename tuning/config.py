@@ -362,6 +362,19 @@ class SweepConfig(_Strict):
                 f"grace_period ({self.asha.grace_period}) exceeds max_t ({max_t})",
                 self.asha.grace_period,
             )
+        # Tune reads every Ray Train report as a result of the trial's epoch; a report
+        # within an epoch would be a second result for the same epoch, without its metric.
+        mid_epoch = "runtime.checkpoint_every_steps"
+        if self.base.runtime.checkpoint_every_steps or mid_epoch in self.space:
+            where = (
+                ("space", mid_epoch) if mid_epoch in self.space else ("base", *mid_epoch.split("."))
+            )
+            problem(
+                where,
+                "sweeps checkpoint at epoch ends only (ASHA and the collapse stopper judge "
+                "trials by epoch): leave runtime.checkpoint_every_steps at 0",
+                self.base.runtime.checkpoint_every_steps,
+            )
         if self.search == "optuna" and not optuna_available():
             problem(
                 ("search",),

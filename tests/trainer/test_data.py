@@ -19,6 +19,7 @@ from trainer.data import (
     CIFAR10_CLASSES,
     CIFAR10_RECORD,
     DataSplits,
+    EpochSampler,
     ImageFiles,
     TensorImages,
     build_splits,
@@ -407,6 +408,59 @@ def test_distributed_shards_are_disjoint() -> None:
     assert len(shards[0]) == len(shards[1]) == 20
     assert not shards[0] & shards[1]
     assert shards[0] | shards[1] == set(range(40))
+
+
+@pytest.mark.parametrize("size", [40, 43])
+def test_epoch_sampler_deals_what_a_distributed_sampler_deals(size: int) -> None:
+    data = small_set(size)
+    for world_size in (1, 2, 3):
+        for rank in range(world_size):
+            ours = EpochSampler(data, num_replicas=world_size, rank=rank, seed=7, drop_last=True)
+            torch_own = DistributedSampler(
+                data, num_replicas=world_size, rank=rank, seed=7, drop_last=True
+            )
+            ours.set_epoch(3)
+            torch_own.set_epoch(3)
+            assert [index for _, index in ours] == list(torch_own)
+            assert len(ours) == len(torch_own)
+
+
+def rounds(world_size: int, batch: int, epoch: int, start: int, data: Any) -> list[list[int]]:
+    """The global batches (ranks' batches in rank order) of an epoch started at ``start``."""
+    shards = []
+    for rank in range(world_size):
+        sampler = EpochSampler(data, num_replicas=world_size, rank=rank, seed=0, drop_last=True)
+        sampler.set_position(epoch, start)
+        indices = [index for _, index in sampler]
+        shards.append([indices[i : i + batch] for i in range(0, len(indices) - batch + 1, batch)])
+    return [[index for part in parts for index in part] for parts in zip(*shards, strict=True)]
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, 1), (2, 2), (2, 1), (1, 2)])
+def test_a_mid_epoch_position_resumes_with_the_images_not_yet_trained_on(
+    before: int, after: int
+) -> None:
+    """After b global batches the images trained on are the permutation's first b*B*W,
+    whatever W: resuming from that count (even on another number of workers) trains on
+    the rest of the epoch, each image once, and on the same ones as without the stop."""
+    data, batch = small_set(64), 4
+    straight = rounds(before, batch, epoch=2, start=0, data=data)
+    done = 3
+    trained = straight[:done]
+    consumed = done * batch * before
+    rest = rounds(after, batch, epoch=2, start=consumed, data=data)
+    seen = [index for global_batch in trained + rest for index in global_batch]
+    (order,) = rounds(1, 64, epoch=2, start=0, data=data)  # the epoch's permutation
+    assert len(seen) == len(set(seen)) > 64 - batch * after  # only a last partial round left out
+    assert set(seen) == set(order[: len(seen)])  # the permutation, in its order of rounds
+    if before == after:
+        assert trained + rest == straight
+
+
+def test_a_position_outside_the_epoch_is_refused() -> None:
+    sampler = EpochSampler(small_set(16), num_replicas=1, rank=0, drop_last=True)
+    with pytest.raises(ValueError, match="position 17 is outside an epoch of 16 images"):
+        sampler.set_position(0, 17)
 
 
 def test_train_loader_needs_a_full_batch_per_worker() -> None:

@@ -187,6 +187,76 @@ def test_resume_continues_at_the_next_step_with_identical_results(
     torch.testing.assert_close(straight.state.statistics.prior, resumed.state.statistics.prior)
 
 
+class PreemptedError(Exception):
+    """Stands for a worker killed in the middle of an epoch."""
+
+
+def test_a_run_stopped_mid_epoch_resumes_at_its_step_with_identical_results(
+    tmp_path: Path,
+) -> None:
+    """``runtime.checkpoint_every_steps``: checkpoints within epochs hold the loader's
+    position; a run stopped after one resumes at its step, skips the images the epoch
+    had trained on, and ends with the weights of a run that never stopped."""
+    config = tiny_config(runtime={"log_every_steps": 1, "checkpoint_every_steps": 5})
+    straight = build_run(config)
+    straight_hooks = RecordingHooks(config)
+    run_training(straight, straight_hooks, evaluates=False)
+    steps_per_epoch = straight.schedules.steps_per_epoch
+    assert steps_per_epoch == 8  # so that step 10 falls inside the second epoch
+
+    root = tmp_path / "checkpoints"
+    first = build_run(config)
+
+    def checkpoint_then_die(state: TrainingState) -> None:
+        save_checkpoint(root / checkpoint_name(state.epoch, state.step), state, config)
+        if state.step == 10:
+            raise PreemptedError
+
+    with pytest.raises(PreemptedError):
+        run_training(first, RecordingHooks(config), evaluates=False, checkpoint=checkpoint_then_die)
+    assert [path.name for path in list_checkpoints(root)] == [
+        "epoch_0000_step_00000005",
+        "epoch_0001_step_00000010",
+    ]
+    payload = load_payload(latest_checkpoint(root) or root)
+    assert (payload["epoch"], payload["step"]) == (1, 10)
+    assert payload["epoch_samples"] == 2 * config.data.batch_size
+
+    resumed = build_run(config)
+    resumed_hooks = RecordingHooks(config)
+    run_training(resumed, resumed_hooks, resume=payload, evaluates=False)
+    assert resumed.state.step == straight.state.step == 2 * steps_per_epoch
+    assert resumed.state.epoch_samples == 0
+    assert [step for step, _ in resumed_hooks.logs] == list(range(11, 17))
+    # The fractional epoch counts the steps the checkpoint had taken in its epoch.
+    assert [metrics["epoch"] for _, metrics in resumed_hooks.logs] == pytest.approx(
+        [1 + step / steps_per_epoch for step in range(3, 9)]
+    )
+    for step, metrics in resumed_hooks.logs:
+        assert metrics["loss"] == pytest.approx(dict(straight_hooks.logs)[step]["loss"], abs=1e-6)
+    for a, b in zip(
+        straight.state.teacher.state_dict().values(),
+        resumed.state.teacher.state_dict().values(),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+
+
+def test_checkpoint_names_sort_in_the_order_they_were_taken() -> None:
+    names = [checkpoint_name(3), checkpoint_name(3, 450), checkpoint_name(3, 1200)]
+    names.append(checkpoint_name(4))
+    assert (
+        sorted(names)
+        == names
+        == [
+            "epoch_0003",
+            "epoch_0003_step_00000450",
+            "epoch_0003_step_00001200",
+            "epoch_0004",
+        ]
+    )
+
+
 def test_checkpoints_are_atomic_listed_and_pruned(tmp_path: Path, tiny: TrainConfig) -> None:
     run = build_run(tiny)
     for epoch in (1, 2, 3):

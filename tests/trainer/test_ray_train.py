@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -415,7 +414,34 @@ def test_two_workers_of_batch_b_equal_one_worker_of_batch_2b(cluster: Any, tmp_p
 # --------------------------------------------------------------- fault tolerance
 
 
-def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint(cluster: Any, tmp_path: Path) -> None:
+class KillOnce:
+    """SIGKILLs its own worker (rank 0, first attempt) after a given step, the way a
+    preempted node's process dies, once Ray has registered the checkpoint named
+    ``after`` (the controller records a checkpoint a moment after the worker's report)."""
+
+    def __init__(self, run: Run, step: int, after: str, snapshot: str, marker: str) -> None:
+        self.run, self.step, self.after = run, step, after
+        self.snapshot, self.marker = Path(snapshot), Path(marker)
+
+    def on_log(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        if self.run.rank != 0 or state.step != self.step or self.marker.exists():
+            return
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.snapshot.exists() and self.after in self.snapshot.read_text():
+                break
+            time.sleep(0.05)
+        self.marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_epoch_end(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        pass
+
+
+def test_a_worker_killed_mid_epoch_resumes_at_its_step(cluster: Any, tmp_path: Path) -> None:
+    """``runtime.checkpoint_every_steps``: rank 0 dies after step 13 of 8-step epochs; the
+    restarted group resumes from the step-12 checkpoint (inside epoch 2), logs every
+    MLflow step once and ends with the run's epochs and checkpoints."""
     epochs = 4
     config = tiny_config(
         data={"max_samples": 256},
@@ -424,6 +450,7 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint(cluster: Any, tmp_
             "device": "cpu",
             "log_every_steps": 1,
             "checkpoint_every_epochs": 1,
+            "checkpoint_every_steps": 4,
             "keep_checkpoints": 2,
             "max_failures": 1,
         },
@@ -432,38 +459,27 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint(cluster: Any, tmp_
     probes.mkdir()
     storage = tmp_path / "storage"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    outcome: dict[str, Any] = {}
-
-    def drive() -> None:
-        try:
-            outcome["result"] = launch_training(
-                config,
-                workers=2,
-                storage_path=str(storage),
-                tracking_uri=tracking_uri,
-                run_name="killed-run",
-                train_loop=probed_loop(probes),
-            )
-        except BaseException as error:  # reported by the assertion below
-            outcome["error"] = error
-
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    # Kill only once Ray has registered a checkpoint: its snapshot names it.
+    marker = tmp_path / "killed"
     snapshot = storage / "killed-run" / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and driver.is_alive():
-        if snapshot.exists() and "epoch_0001" in snapshot.read_text():
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"no checkpoint registered before the run ended: {outcome}")
-    victim = torch.load(next(probes.glob("rank0-*.pt")), weights_only=False)["pid"]
-    os.kill(victim, signal.SIGKILL)
-    driver.join(timeout=300)
-    assert not driver.is_alive(), "the run did not finish after the restart"
-    assert "error" not in outcome, outcome.get("error")
-    result: LaunchResult = outcome["result"]
+
+    def loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+        return worker_main(
+            WorkerSetup.model_validate(loop_config),
+            extra_hooks=lambda run: [
+                RankProbe(run, str(probes)),
+                KillOnce(run, 13, "epoch_0001_step_00000012", str(snapshot), str(marker)),
+            ],
+        )
+
+    result = launch_training(
+        config,
+        workers=2,
+        storage_path=str(storage),
+        tracking_uri=tracking_uri,
+        run_name="killed-run",
+        train_loop=loop,
+    )
+    victim = int(marker.read_text())
 
     attempts = read_probes(probes)
     assert len(attempts[0]) == 2, "rank 0 should have started twice (one restart)"
@@ -471,13 +487,13 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint(cluster: Any, tmp_
     resumed = attempts[0][1]["records"]
     client = MlflowClient(tracking_uri)
     run = client.get_run(result.mlflow_run_id or "")
-    resumed_epoch = int(run.data.tags["klssl.resumed_from_epoch"])
-    resumed_step = int(run.data.tags["klssl.resumed_from_step"])
-    assert resumed_epoch >= 1
-    # The new attempt continued right after the checkpoint's step.
-    assert resumed[0]["step"] == resumed_step + 1
+    steps_per_epoch = 8  # 256 images / 2 workers / batch 16
+    assert int(run.data.tags["klssl.resumed_from_epoch"]) == 1
+    assert int(run.data.tags["klssl.resumed_from_step"]) == 12  # 4 steps into epoch 2
+    # The new attempt continued right after the checkpoint's step, inside the epoch.
+    resumed_in_epoch_2 = [r["step"] for r in resumed if r["step"] <= 2 * steps_per_epoch]
+    assert resumed_in_epoch_2 == [13, 14, 15, 16]
 
-    steps_per_epoch = resumed_step // resumed_epoch
     total = epochs * steps_per_epoch
     assert result.metrics["epoch"] == float(epochs)
     epoch_loss = client.get_metric_history(run.info.run_id, "epoch_loss")
@@ -487,6 +503,8 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint(cluster: Any, tmp_
     epoch_values = [m.value for m in client.get_metric_history(run.info.run_id, "epoch")]
     assert max(epoch_values) == float(epochs)
     assert run.info.status == "FINISHED"
+    # The two newest: the last mid-epoch checkpoint (step 28, in epoch 4) and the end.
+    assert [record["step"] for record in result.checkpoints] == [28, total]
     assert [record["epoch"] for record in result.checkpoints] == [epochs - 1, epochs]
 
 

@@ -3,9 +3,11 @@
 Every worker calls the core loop unchanged (`build_run` and `run_training` with DDP from
 Ray's ``prepare_model``, a distributed sampler, the cluster statistics all-reduced over
 the global batch). Every rank reports once per epoch; rank 0 writes the MLflow metrics
-and, every ``runtime.checkpoint_every_epochs`` epochs, the checkpoint directory of
+and, every ``runtime.checkpoint_every_epochs`` epochs (and every
+``runtime.checkpoint_every_steps`` steps within one), the checkpoint directory of
 `trainer.checkpoint`, which Ray persists under ``storage_path/run_name``. A restarted
-worker group resumes from the newest checkpoint (``ray.train.get_checkpoint``).
+worker group resumes from the newest checkpoint (``ray.train.get_checkpoint``), at its
+step: the loader skips the images of the epoch that the checkpoint had trained on.
 """
 
 from __future__ import annotations
@@ -110,18 +112,26 @@ class RayHooks:
     def on_epoch_end(self, state: TrainingState, metrics: dict[str, float]) -> None:
         for hooks in self.extra:
             hooks.on_epoch_end(state, metrics)
-        config = self.run.config
         if self.logger is not None:
             self.logger.log(metrics, step=state.step)
         report = {**metrics, "epoch": float(state.epoch), "step": float(state.step)}
-        if not checkpoint_due(config, state.epoch):
+        due = checkpoint_due(self.run.config, state.epoch)
+        self._report(state, report, checkpoint_name(state.epoch) if due else None)
+
+    def save_mid_epoch(self, state: TrainingState) -> None:
+        """A checkpoint within an epoch (``runtime.checkpoint_every_steps``), on every rank."""
+        report = {"epoch": float(state.epoch), "step": float(state.step)}
+        self._report(state, report, checkpoint_name(state.epoch, state.step))
+
+    def _report(self, state: TrainingState, report: dict[str, float], name: str | None) -> None:
+        """``ray.train.report`` on every rank, with the checkpoint ``name`` when given."""
+        if name is None:
             ray.train.report(report)
             return
-        name = checkpoint_name(state.epoch)
         with tempfile.TemporaryDirectory() as tmp:
             directory = Path(tmp) / name
             if self.run.rank == 0:
-                save_checkpoint(directory, state, config)
+                save_checkpoint(directory, state, self.run.config)
             (directory / RNG_DIR).mkdir(parents=True, exist_ok=True)
             save_rng(directory / RNG_DIR / f"rank_{self.run.rank}.pt")
             # Synchronous upload: when this returns, the checkpoint is on the storage.
@@ -216,7 +226,9 @@ def worker_main(
                     RESUMED_FROM_STEP_TAG: str(payload["step"]),
                 },
             )
-        metrics = run_training(run, hooks, resume=payload, evaluates=rank == 0)
+        metrics = run_training(
+            run, hooks, resume=payload, evaluates=rank == 0, checkpoint=hooks.save_mid_epoch
+        )
         result: dict[str, Any] = {"metrics": metrics, "rank": rank}
         if tracked is not None:
             result["backbone_model_uri"] = export_backbone(
