@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import core_schema
+from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
 
 from trainer.backbone_kwargs import BACKBONE_KWARGS, MAX_BACKBONE_KWARGS, check_backbone_kwargs
 from trainer.bounds import (
@@ -530,6 +530,14 @@ class RuntimeConfig(_Section):
     )
 
 
+def field_error(location: tuple[str, ...], reason: str, value: Any) -> ValidationError:
+    """A validation error of one field, for a check that spans sections: the API's 422
+    and the CLI's message then name that field rather than the config as a whole."""
+    error = PydanticCustomError("config", "{reason}", {"reason": reason})
+    details = [InitErrorDetails(type=error, loc=location, input=value)]
+    return ValidationError.from_exception_data("TrainConfig", details)
+
+
 class TrainConfig(_Section):
     """Everything one training run needs, in seven sections."""
 
@@ -553,20 +561,22 @@ class TrainConfig(_Section):
         # e" names exactly what was trained on; Ray Data's streaming split hands blocks to
         # workers in whatever order they ask, so it has no such position to resume at.
         if self.runtime.checkpoint_every_steps > 0 and self.data.loader == "ray":
-            raise ValueError(
-                "runtime.checkpoint_every_steps needs data.loader 'torch': a Ray Data "
-                "stream has no position to resume an epoch at; set it to 0 (checkpoints at "
-                "epoch ends) or use data.loader 'torch'"
+            raise field_error(
+                ("runtime", "checkpoint_every_steps"),
+                "needs data.loader 'torch': a Ray Data stream has no position to resume an "
+                "epoch at; set it to 0 (checkpoints at epoch ends) or use data.loader 'torch'",
+                self.runtime.checkpoint_every_steps,
             )
         return self
 
     @model_validator(mode="after")
     def _augmentation_on_a_cuda_device(self) -> Self:
         if self.data.augment_device == "cuda" and self.runtime.device == "cpu":
-            raise ValueError(
-                "data.augment_device 'cuda' needs a CUDA training device but runtime.device "
-                "is 'cpu': set data.augment_device to auto, cpu or device, or runtime.device "
-                "to auto or cuda"
+            raise field_error(
+                ("data", "augment_device"),
+                "'cuda' needs a CUDA training device but runtime.device is 'cpu': set "
+                "data.augment_device to auto, cpu or device, or runtime.device to auto or cuda",
+                self.data.augment_device,
             )
         return self
 

@@ -407,7 +407,7 @@ def test_rejects_other_images_and_tables() -> None:
 
 
 def test_cuda_augmentation_with_a_cpu_runtime_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"data\.augment_device 'cuda'.*runtime\.device"):
+    with pytest.raises(ConfigError, match=r"data\.augment_device: 'cuda'.*runtime\.device"):
         validate_config({"data": {"augment_device": "cuda"}, "runtime": {"device": "cpu"}})
     assert validate_config({}).data.augment_device == "auto"
     for setting in ("auto", "cpu", "device"):

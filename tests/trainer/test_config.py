@@ -48,6 +48,17 @@ def problems_of(raw: dict[str, object]) -> list[str]:
         ({"schedule": {"epochs": 0}}, "schedule.epochs", "greater than or equal to 1"),
         ({"optim": {"lr": -1}}, "optim.lr", "greater than 0"),
         ({"objective": {"tau": 0.1}}, "objective.tau", "Extra inputs are not permitted"),
+        ({"runtime": {"checkpoint_every_steps": -1}}, "runtime.checkpoint_every_steps", "greater"),
+        (
+            {"data": {"augment_device": "cuda"}, "runtime": {"device": "cpu"}},
+            "data.augment_device",
+            "'cuda' needs a CUDA training device",
+        ),
+        (
+            {"runtime": {"checkpoint_every_steps": 100}, "data": {"loader": "ray"}},
+            "runtime.checkpoint_every_steps",
+            "needs data.loader 'torch'",
+        ),
     ],
 )
 def test_every_bad_value_names_its_field_and_reason(

@@ -182,6 +182,16 @@ def test_asha_and_unknown_keys_are_checked() -> None:
     assert found == ["schedulr: Extra inputs are not permitted"]
 
 
+def test_sweeps_checkpoint_at_epoch_ends_only() -> None:
+    raw = sweep({"objective.teacher_temp": TEMP})
+    raw["base"]["runtime"]["checkpoint_every_steps"] = 50
+    (found,) = problems(raw)
+    assert found.startswith("base.runtime.checkpoint_every_steps: sweeps checkpoint at epoch ends")
+    every = {"type": "choice", "values": [0, 50]}
+    (found,) = problems(sweep({"runtime.checkpoint_every_steps": every}))
+    assert found.startswith("space.runtime.checkpoint_every_steps: sweeps checkpoint at epoch")
+
+
 def test_base_config_errors_keep_their_path() -> None:
     raw = sweep({"objective.teacher_temp": TEMP})
     raw["base"]["objective"]["mode"] = "centre"
