@@ -212,6 +212,7 @@ def submit_job(
             "owner": owner,
             "mlflow_run_id": run_id,
             "storage_path": settings.resolved_storage_path(),
+            "capacity_wait_s": settings.capacity_wait_s,
             **(registration.model_dump(exclude_none=True) if registration else {}),
         }
     )

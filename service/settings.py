@@ -14,6 +14,7 @@ from pydantic import Field, IPvAnyNetwork, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.quotas import Quota
+from trainer.bounds import MAX_CAPACITY_WAIT_S
 
 # The example secrets of `.env.example` and `deploy/k8s` (one list, checked by the tests in
 # tests/deploy): a production service refuses to start with any of them.
@@ -34,7 +35,8 @@ class Settings(BaseSettings):
     ``KLSSL_ALLOWED_DATA_ROOTS='["/data", "/mnt/datasets"]'``.
     """
 
-    model_config = SettingsConfigDict(env_prefix="KLSSL_", extra="ignore")
+    # An empty variable (compose's `${KLSSL_QUOTAS:-}`) means the default, not a value.
+    model_config = SettingsConfigDict(env_prefix="KLSSL_", extra="ignore", env_ignore_empty=True)
 
     environment: Literal["development", "production"] = Field(
         "development",
@@ -138,6 +140,14 @@ class Settings(BaseSettings):
         False,
         description="The Ray cluster has GPUs: jobs with runtime.device auto then count one "
         "GPU per worker against quotas (as they will use one).",
+    )
+    capacity_wait_s: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_CAPACITY_WAIT_S,
+        description="How long a job's driver waits for an autoscaling Ray cluster to grow "
+        "to the job's size (KubeRay's GPU group at minReplicas 0) before failing the job "
+        "as too large; 0: fail at once, for a cluster of fixed size.",
     )
     dispatch_interval_s: float = Field(
         2.0, gt=0, description="Seconds between dispatcher/reconciler rounds."

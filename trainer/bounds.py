@@ -65,3 +65,6 @@ MAX_PATH_COMPONENT_BYTES = 255
 """UTF-8 bytes of one component of a path (Linux's NAME_MAX)."""
 MAX_PATTERN_LENGTH = 256
 """Characters of a ``data.pattern`` glob."""
+
+MAX_CAPACITY_WAIT_S = 7 * 24 * 3600.0
+"""Longest wait of a job for an autoscaling cluster to grow to its size (a week)."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from trainer.bounds import MAX_CAPACITY_WAIT_S
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.distributed.storage import default_storage_path
 from trainer.mlflow_names import JOB_ID_TAG, OWNER_TAG
@@ -116,6 +117,15 @@ def main(
         str | None, typer.Option(help="Alias for the registered version (with --register-as).")
     ] = None,
     tracking: Annotated[bool, typer.Option(help="Track the run in MLflow.")] = True,
+    capacity_wait: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=MAX_CAPACITY_WAIT_S,
+            help="Seconds to wait for an autoscaling cluster to grow to the job's size "
+            "(0: fail at once when it is too small).",
+        ),
+    ] = 0.0,
 ) -> None:
     """Train CONFIG (or the job of --spec) data-parallel with Ray Train, tracked in MLflow."""
     if (config_path is None) == (spec_path is None):
@@ -138,6 +148,7 @@ def main(
         run_name = spec.job_id or run_name
         mlflow_run_id = spec.mlflow_run_id or mlflow_run_id
         storage_path = spec.storage_path or storage_path
+        capacity_wait = spec.capacity_wait_s or capacity_wait
         register_as, alias = spec.register_as or register_as, spec.register_alias or alias
         run_tags |= spec.tags
         if spec.job_id is not None:
@@ -159,6 +170,7 @@ def main(
         tags=run_tags,
         register_as=register_as,
         register_alias=alias,
+        capacity_wait_s=capacity_wait,
     )
     if "knn_top1" in result.metrics:
         console.print(f"k-NN top-1 (k={config.eval.knn_k[0]}): {result.metrics['knn_top1']:.2f}%")

@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from trainer.bounds import MAX_CAPACITY_WAIT_S
 from trainer.config import ConfigError, TrainConfig, describe_errors
 
 SPEC_FILE = "spec.json"
@@ -69,6 +70,13 @@ class JobSpecBase(BaseModel):
         max_length=4096,
         description="Checkpoint storage: a shared directory or s3://bucket/prefix "
         "(None: KLSSL_STORAGE_PATH, else runs/ray).",
+    )
+    capacity_wait_s: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_CAPACITY_WAIT_S,
+        description="How long the driver waits for an autoscaling cluster to grow to the "
+        "job's size before failing it (0: at once).",
     )
 
 

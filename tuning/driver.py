@@ -44,7 +44,7 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from trainer.config import TrainConfig
 from trainer.distributed.cancel import CancelWatch, refuse_if_cancelled
-from trainer.distributed.cluster import Placement, check_cluster_capacity, plan_placement
+from trainer.distributed.cluster import Placement, plan_placement, wait_for_capacity
 from trainer.distributed.environment import connect_ray, require_train_v2
 from trainer.distributed.errors import LaunchError
 from trainer.distributed.launcher import TrainingFailedError, fit_run
@@ -534,6 +534,7 @@ def run_sweep(
     parent_run_id: str | None = None,
     resume: bool = True,
     owner: str | None = None,
+    capacity_wait_s: float = 0.0,
 ) -> SweepResult:
     """Run (or resume) a sweep on the connected Ray cluster (a local Ray if none).
 
@@ -550,6 +551,8 @@ def run_sweep(
         resume: restore an existing experiment of ``sweep_id``; with False an existing
             experiment is an error.
         owner: who submitted the sweep (tagged on every trial run, as on the parent).
+        capacity_wait_s: how long to wait for an autoscaling cluster to grow to one
+            trial's size (0: fail at once; see `wait_for_capacity`).
 
     Returns:
         The trials as MLflow records, the best trial, and whether the sweep was
@@ -565,7 +568,7 @@ def run_sweep(
     connect_ray()
     tracking_uri = absolute_tracking_uri(tracking_uri)
     placement = plan_placement(base)
-    check_cluster_capacity(placement, ray.nodes())
+    wait_for_capacity(placement, capacity_wait_s, nodes=ray.nodes)
     filesystem, fs_path = check_storage(storage_path)
     experiment_path = f"{fs_path.rstrip('/')}/{sweep_id}"
     restorable = ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)

@@ -26,6 +26,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from trainer.bounds import MAX_CAPACITY_WAIT_S
 from trainer.config import ConfigError
 from trainer.distributed.storage import default_storage_path
 from trainer.spec import read_spec_file
@@ -72,6 +73,15 @@ def main(
     resume: Annotated[
         bool, typer.Option(help="Resume an existing experiment of --sweep-id.")
     ] = True,
+    capacity_wait: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=MAX_CAPACITY_WAIT_S,
+            help="Seconds to wait for an autoscaling cluster to grow to the job's size "
+            "(0: fail at once when it is too small).",
+        ),
+    ] = 0.0,
 ) -> None:
     """Run the sweep SWEEP_PATH (or the job of --spec) with Ray Tune, tracked in MLflow."""
     owner: str | None = None
@@ -86,6 +96,7 @@ def main(
             mlflow_run_id = spec.mlflow_run_id or mlflow_run_id
             storage_path = spec.storage_path or storage_path
             owner = spec.owner
+            capacity_wait = spec.capacity_wait_s or capacity_wait
         else:
             assert sweep_path is not None
             sweep = load_sweep(sweep_path, overrides or [])
@@ -114,6 +125,7 @@ def main(
             parent_run_id=mlflow_run_id,
             resume=resume,
             owner=owner,
+            capacity_wait_s=capacity_wait,
         )
     except PreflightError as error:
         console.print(f"[red]{error}[/]")

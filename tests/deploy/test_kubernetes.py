@@ -221,7 +221,10 @@ def test_ray_runs_with_token_auth_and_autoscaled_gpu_workers() -> None:
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"name": "dashboard", "containerPort": 8265} in head["ports"]
     (gpu,) = (g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
-    assert 1 <= gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    # From zero: the jobs wait for the autoscaler (KLSSL_CAPACITY_WAIT_S) instead of failing.
+    assert 0 == gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    settings = find(objects, "ConfigMap", "klssl-settings")["data"]
+    assert float(settings["KLSSL_CAPACITY_WAIT_S"]) >= 600
     (worker,) = gpu["template"]["spec"]["containers"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] >= 1
     api = find(objects, "Deployment", "api")["spec"]["template"]["spec"]["containers"][0]

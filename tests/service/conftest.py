@@ -116,6 +116,7 @@ def settings(tmp_path: Path, mlflow_uri: str, data_root: Path) -> Settings:
         allowed_data_roots=[data_root],
         max_concurrent_jobs=2,
         ray_address="http://127.0.0.1:1",
+        capacity_wait_s=90,
     )
 
 

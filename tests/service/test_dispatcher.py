@@ -61,6 +61,7 @@ def test_the_submission_carries_the_job_spec_and_the_deployment_environment(
     assert spec.config == job.config
     assert (spec.job_id, spec.mlflow_run_id, spec.owner) == (job_id, job.mlflow_run_id, job.owner)
     assert spec.storage_path is not None and spec.storage_path.startswith("/")
+    assert spec.capacity_wait_s == services.settings.capacity_wait_s == 90
     # The environment holds only the deployment's settings.
     assert submitted["env"]["KLSSL_MLFLOW_TRACKING_URI"] == services.settings.mlflow_tracking_uri
     assert "KLSSL_STORAGE_PATH" not in submitted["env"]

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,12 @@ from mlflow.tracking import MlflowClient
 
 from tests import factories
 from trainer.config import TrainConfig, validate_config
-from trainer.distributed.cluster import Placement, check_cluster_capacity
+from trainer.distributed.cluster import (
+    Placement,
+    check_cluster_capacity,
+    plan_placement,
+    wait_for_capacity,
+)
 from trainer.distributed.environment import require_train_v2
 from trainer.distributed.errors import InsufficientResourcesError, StorageUnavailableError
 from trainer.distributed.launcher import LaunchResult, launch_training
@@ -576,6 +582,81 @@ def test_capacity_check_counts_whole_workers_per_node(
     else:
         with pytest.raises(InsufficientResourcesError, match=f"{workers} workers"):
             check_cluster_capacity(placement, nodes)
+
+
+class FakeClock:
+    """Time that passes only when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_the_capacity_wait_asks_the_autoscaler_and_withdraws_the_ask() -> None:
+    small = [{"Alive": True, "Resources": {"CPU": 1.0}}]
+    grown = [*small, {"Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}}]
+    placement = Placement(2, False, {"CPU": 1.0}, "PACK", loader_cpus=0.0)
+    clock, requests, looks = FakeClock(), [], []
+
+    def nodes() -> list[dict[str, Any]]:
+        looks.append(clock.now)
+        return grown if clock.now >= 30 else small
+
+    wait_for_capacity(
+        placement, 600, nodes=nodes, request=requests.append, clock=clock, sleep=clock.sleep
+    )
+    assert looks == [0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0]
+    assert requests == [[{"CPU": 1.0}, {"CPU": 1.0}], []]  # asked once, withdrawn at the end
+
+    clock, requests = FakeClock(), []
+    with pytest.raises(InsufficientResourcesError, match=r"after waiting 12 s for the cluster"):
+        wait_for_capacity(
+            placement, 12, nodes=lambda: small, request=requests.append, clock=clock,
+            sleep=clock.sleep,
+        )  # fmt: skip
+    assert clock.now == 12 and requests[-1] == []
+    with pytest.raises(InsufficientResourcesError, match=r"can place at most 1; lower"):
+        wait_for_capacity(placement, 0, nodes=lambda: small, request=requests.append)
+
+
+def test_the_capacity_wait_sees_a_node_that_joins_the_cluster(cluster: Any) -> None:
+    """A real Ray of 2 CPUs and a run of 3 one-CPU workers: the wait asks Ray's
+    autoscaler interface (no autoscaler runs here) and returns once a node joins."""
+    placement = plan_placement(tiny_config(), 3)
+    with pytest.raises(InsufficientResourcesError):
+        wait_for_capacity(placement, 0, nodes=ray.nodes)
+    looks: list[float] = []
+    outcome: dict[str, Any] = {}
+
+    def nodes() -> list[dict[str, Any]]:
+        looks.append(time.monotonic())
+        return list(ray.nodes())
+
+    def wait() -> None:
+        try:
+            wait_for_capacity(placement, 120, nodes=nodes, poll_s=0.2)
+            outcome["done"] = time.monotonic()
+        except BaseException as error:  # reported by the assertion below
+            outcome["error"] = error
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    while len(looks) < 3 and waiter.is_alive():
+        time.sleep(0.05)
+    assert waiter.is_alive(), f"the wait ended before the node joined: {outcome}"
+    joined = cluster.add_node(num_cpus=1)  # Ray's Cluster must be driven from this thread
+    try:
+        joined_at = time.monotonic()
+        waiter.join(timeout=120)
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["done"] >= joined_at
+    finally:
+        cluster.remove_node(joined)
 
 
 def test_train_v2_is_required() -> None:

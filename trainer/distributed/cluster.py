@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from trainer.config import TrainConfig
 from trainer.distributed.errors import InsufficientResourcesError, LaunchError
+
+log = logging.getLogger(__name__)
+
+CAPACITY_POLL_S = 5.0
+"""Seconds between looks at the cluster while waiting for it to grow."""
 
 RAY_DATA_CPUS = 1.0
 """CPUs kept free for Ray Data's tasks when the workers stream from it (at least one:
@@ -102,3 +109,63 @@ def check_cluster_capacity(placement: Placement, nodes: Sequence[Mapping[str, An
         f"{have} in total) can place at most {slots}; lower --workers or "
         "runtime.cpus_per_worker, use a CPU device, or add nodes"
     )
+
+
+NodesReader = Callable[[], Sequence[Mapping[str, Any]]]
+ResourceRequest = Callable[[list[dict[str, float]]], None]
+
+
+def autoscaler_request(bundles: list[dict[str, float]]) -> None:
+    """Ask Ray's autoscaler for room for ``bundles`` (an empty list withdraws the ask)."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+
+
+def wait_for_capacity(
+    placement: Placement,
+    timeout_s: float,
+    *,
+    nodes: NodesReader,
+    request: ResourceRequest = autoscaler_request,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    poll_s: float = CAPACITY_POLL_S,
+) -> None:
+    """`check_cluster_capacity`, waiting up to ``timeout_s`` for the cluster to grow.
+
+    An autoscaling cluster (KubeRay's GPU group at ``minReplicas: 0``) is smaller than
+    the job until the autoscaler adds nodes, and it adds them only for demand it sees:
+    while waiting, the workers' bundles are requested from the autoscaler (withdrawn
+    again when the wait ends, either way; the run's own placement group is the demand
+    from then on). ``timeout_s`` 0 checks once and fails at once, for a fixed cluster.
+
+    Raises:
+        InsufficientResourcesError: the cluster still cannot hold the workers when the
+            time is up (the message says how long it waited).
+    """
+    deadline = clock() + timeout_s
+    requested = False
+    try:
+        while True:
+            try:
+                check_cluster_capacity(placement, nodes())
+                return
+            except InsufficientResourcesError as error:
+                if clock() >= deadline:
+                    if timeout_s <= 0:
+                        raise
+                    raise InsufficientResourcesError(
+                        f"{error} (after waiting {timeout_s:g} s for the cluster to grow)"
+                    ) from None
+                if not requested:
+                    log.warning("%s; waiting up to %g s for the autoscaler", error, timeout_s)
+                    bundles = [dict(placement.resources_per_worker)] * placement.workers
+                    if placement.loader_cpus > 0:
+                        bundles.append({"CPU": placement.loader_cpus})
+                    request(bundles)
+                    requested = True
+            sleep(min(poll_s, max(deadline - clock(), 0.0)))
+    finally:
+        if requested:
+            request([])

@@ -27,7 +27,7 @@ import ray.train.torch
 
 from trainer.config import TrainConfig
 from trainer.distributed.cancel import CancelWatch, refuse_if_cancelled
-from trainer.distributed.cluster import Placement, check_cluster_capacity, plan_placement
+from trainer.distributed.cluster import Placement, plan_placement, wait_for_capacity
 from trainer.distributed.environment import connect_ray, require_train_v2
 from trainer.distributed.ray_data import TRAIN_DATASET, train_dataset
 from trainer.distributed.storage import check_storage, default_storage_path, storage_uri
@@ -172,6 +172,7 @@ def launch_training(
     register_alias: str | None = None,
     system_metrics: bool = True,
     check_resources: bool = True,
+    capacity_wait_s: float = 0.0,
     train_loop: Callable[[dict[str, Any]], Any] = train_loop_per_worker,
 ) -> LaunchResult:
     """Train ``config`` on the connected Ray cluster (a local Ray if none) and track it.
@@ -192,7 +193,9 @@ def launch_training(
         register_alias: alias of the registered version (needs ``register_as``).
         system_metrics: sample system metrics into the run (rank 0's node).
         check_resources: fail fast when the cluster can never place the workers
-            (turn off for an autoscaling cluster that grows on demand).
+            (off: leave the wait to Ray, however long).
+        capacity_wait_s: how long to wait for an autoscaling cluster to grow before
+            failing that check (0: fail at once; see `wait_for_capacity`).
         train_loop: the per-worker function (tests wrap `worker_main`).
 
     Returns:
@@ -212,7 +215,7 @@ def launch_training(
         tracking_uri = absolute_tracking_uri(tracking_uri)
     placement = plan_placement(config, workers, extra_resources=extra_resources)
     if check_resources:
-        check_cluster_capacity(placement, ray.nodes())
+        wait_for_capacity(placement, capacity_wait_s, nodes=ray.nodes)
     filesystem, fs_path = check_storage(storage_path or default_storage_path())
     name = run_name or default_run_name(config)
     root_uri = f"{storage_uri(fs_path, filesystem).rstrip('/')}/{name}"
