@@ -45,6 +45,20 @@ Token = Annotated[
     typer.Option("--token", envvar="KLSSL_API_TOKEN", help="API bearer token.", show_default=False),
 ]
 JobId = Annotated[str, typer.Argument(help="Job id.")]
+Priority = Annotated[
+    int,
+    typer.Option(
+        min=-1000, max=1000, help="Higher runs first among queued work (then the oldest)."
+    ),
+]
+Notify = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--notify",
+        help="Webhook URL (https) that gets a JSON POST at the end and on a collapse "
+        "verdict; Slack-compatible (repeatable).",
+    ),
+]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -176,6 +190,11 @@ def create(
     return created
 
 
+def submission_fields(priority: int, notify: list[str] | None) -> dict[str, Any]:
+    """The request fields jobs and sweeps share (`service.schemas.Submission`)."""
+    return {"priority": priority} | ({"notify": notify} if notify else {})
+
+
 def submit(
     config_path: Annotated[Path, typer.Argument(help="Training config, YAML or JSON.")],
     overrides: Annotated[
@@ -194,12 +213,15 @@ def submit(
     alias: Annotated[
         str | None, typer.Option(help="Alias of the registered version (with --register-as).")
     ] = None,
+    priority: Priority = 0,
+    notify: Notify = None,
     url: Url = None,
     token: Token = None,
 ) -> None:
     """Submit CONFIG as a job to the service (it is validated there)."""
     registration = {"register_as": register_as, "register_alias": alias}
     extra = {key: value for key, value in registration.items() if value is not None}
+    extra |= submission_fields(priority, notify)
     with client(url, token) as http:
         job = create(http, "/v1/jobs", config_path, overrides, None, name, idempotency_key, extra)
         typer.echo(job["id"])
@@ -338,12 +360,17 @@ def sweep(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Show a live table of trials until it ends.")
     ] = False,
+    priority: Priority = 0,
+    notify: Notify = None,
     url: Url = None,
     token: Token = None,
 ) -> None:
     """Submit SWEEP (a base config and a search space) to the service; it is validated there."""
+    extra = submission_fields(priority, notify)
     with client(url, token) as http:
-        created = create(http, "/v1/sweeps", sweep_path, overrides, "base", name, idempotency_key)
+        created = create(
+            http, "/v1/sweeps", sweep_path, overrides, "base", name, idempotency_key, extra
+        )
         typer.echo(created["id"])
         if not follow:
             return

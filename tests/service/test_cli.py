@@ -58,6 +58,14 @@ def test_submit_status_list_logs_and_cancel(
         "register_as": "cli-backbone",
         "register_alias": "best",
     }
+    hook = "https://hooks.example.com/services/klssl"
+    urgent = runner.invoke(klssl, ["submit", str(config_file), "--priority", "7", "--notify", hook])
+    assert urgent.exit_code == 0, urgent.output
+    urgent_record = services.store.get(urgent.stdout.strip())
+    assert urgent_record is not None
+    assert (urgent_record.priority, urgent_record.notify) == (7, [hook])
+    too_high = runner.invoke(klssl, ["submit", str(config_file), "--priority", "1001"])
+    assert too_high.exit_code == 2 and "less than or equal to 1000" in too_high.output
     orphan_alias = runner.invoke(klssl, ["submit", str(config_file), "--alias", "best"])
     assert orphan_alias.exit_code != 0 and "register_alias needs register_as" in orphan_alias.output
 
