@@ -35,6 +35,17 @@ if TYPE_CHECKING:
 __all__ = ["app", "default_storage_path", "launch_or_exit"]
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+CapacityWait = Annotated[
+    float,
+    typer.Option(
+        min=0,
+        max=MAX_CAPACITY_WAIT_S,
+        help="Seconds to wait for an autoscaling cluster to grow to the job's size "
+        "(0: fail at once when it is too small).",
+    ),
+]
+"""``--capacity-wait`` of the job entry points (this one and `tuning.run`)."""
 console = Console(stderr=True)
 
 
@@ -117,15 +128,7 @@ def main(
         str | None, typer.Option(help="Alias for the registered version (with --register-as).")
     ] = None,
     tracking: Annotated[bool, typer.Option(help="Track the run in MLflow.")] = True,
-    capacity_wait: Annotated[
-        float,
-        typer.Option(
-            min=0,
-            max=MAX_CAPACITY_WAIT_S,
-            help="Seconds to wait for an autoscaling cluster to grow to the job's size "
-            "(0: fail at once when it is too small).",
-        ),
-    ] = 0.0,
+    capacity_wait: CapacityWait = 0.0,
 ) -> None:
     """Train CONFIG (or the job of --spec) data-parallel with Ray Train, tracked in MLflow."""
     if (config_path is None) == (spec_path is None):

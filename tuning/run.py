@@ -26,9 +26,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from trainer.bounds import MAX_CAPACITY_WAIT_S
 from trainer.config import ConfigError
 from trainer.distributed.storage import default_storage_path
+from trainer.run import CapacityWait
 from trainer.spec import read_spec_file
 from tuning.config import SweepConfig, load_sweep
 from tuning.spec import SweepJobSpec
@@ -73,15 +73,7 @@ def main(
     resume: Annotated[
         bool, typer.Option(help="Resume an existing experiment of --sweep-id.")
     ] = True,
-    capacity_wait: Annotated[
-        float,
-        typer.Option(
-            min=0,
-            max=MAX_CAPACITY_WAIT_S,
-            help="Seconds to wait for an autoscaling cluster to grow to the job's size "
-            "(0: fail at once when it is too small).",
-        ),
-    ] = 0.0,
+    capacity_wait: CapacityWait = 0.0,
 ) -> None:
     """Run the sweep SWEEP_PATH (or the job of --spec) with Ray Tune, tracked in MLflow."""
     owner: str | None = None
