@@ -12,6 +12,7 @@ and skips those already in the run. At the end rank 0 exports the teacher backbo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -38,6 +39,8 @@ from trainer.models import backbone_kwargs, is_vit
 
 if TYPE_CHECKING:  # MLflow loads on first use: only rank 0 of a cluster needs it.
     from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
 
 TRACKING_URI_ENV_VARS = ("KLSSL_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI")
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
@@ -315,7 +318,7 @@ def export_backbone(
     *,
     register_as: str | None = None,
     alias: str | None = None,
-) -> str:
+) -> str | None:
     """Log the backbone as ``backbone/`` (state_dict + timm recipe) and an MLflow model.
 
     The state_dict is checked to load strictly into a fresh model built from the
@@ -323,7 +326,8 @@ def export_backbone(
     under that name, and ``alias`` (e.g. ``champion``) points at the new version.
 
     Returns:
-        The URI of the logged MLflow pytorch model.
+        The URI of the logged MLflow pytorch model; None when the run had been stopped
+        (KILLED) before the export, which then logs nothing.
     """
     import mlflow
     import mlflow.pytorch
@@ -332,10 +336,15 @@ def export_backbone(
     import torch
     from mlflow.models import infer_signature
 
+    client = tracked.client()
+    if str(client.get_run(tracked.run_id).info.status) == "KILLED":
+        # Cancelled, or a sweep trial Tune stopped while its workers went on: logging a
+        # model would reopen the run (start_run below) and undo that verdict.
+        log.warning("run %s was stopped: its backbone is not exported", tracked.run_id)
+        return None
     recipe = timm_recipe(config.model, config.data.global_crop_size)
     state = {key: value.detach().cpu() for key, value in backbone.state_dict().items()}
     create_from_recipe(recipe).load_state_dict(state, strict=True)
-    client = tracked.client()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / BACKBONE_ARTIFACT_DIR
         folder.mkdir()

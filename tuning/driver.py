@@ -412,6 +412,23 @@ class SweepTracker(ray.tune.Callback):
         self.last_epoch = state["last_epoch"]
 
 
+def settle_stopped_trials(tracking_uri: str, records: list[TrialRecord]) -> list[TrialRecord]:
+    """Close as KILLED every trial run that Tune stopped but whose status says otherwise.
+
+    Tune stops a trial at a report; its Ray Train workers die with the trial a moment
+    later and may meanwhile train on and export their backbone, which reopens the run
+    (MLflow's ``start_run``): without this, such a run would end RUNNING (the sweep then
+    looks interrupted) or FINISHED (as if it had run its budget).
+    """
+    settled = []
+    for record in records:
+        if record.stop_reason is not None and record.state != "KILLED":
+            finish_run(TrackedRun(tracking_uri, record.run_id, ""), "KILLED")
+            record = record.model_copy(update={"state": "KILLED"})
+        settled.append(record)
+    return settled
+
+
 # ------------------------------------------------------------------------ driver
 
 
@@ -643,7 +660,7 @@ def run_sweep(
         if owns_parent:
             finish_run(parent, "FAILED")
         raise
-    records = trials_from_mlflow(tracking_uri, parent.run_id)
+    records = settle_stopped_trials(tracking_uri, trials_from_mlflow(tracking_uri, parent.run_id))
     # Tune counts the trials it stopped on an interruption as ended; their runs are not.
     unfinished = any(record.state == "RUNNING" for record in records)
     done = grid.num_terminated + grid.num_errors

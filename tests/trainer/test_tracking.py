@@ -112,6 +112,21 @@ def test_timm_recipe_rebuilds_the_backbone(name: str) -> None:
         plain.load_state_dict(original.state_dict(), strict=True)
 
 
+def test_a_stopped_run_gets_no_backbone_and_stays_stopped(tracking_uri: str) -> None:
+    """A sweep trial Tune stopped (or a cancelled job) whose worker trained on: logging
+    the model would reopen the run and end it FINISHED."""
+    config = tiny_config()
+    tracked = create_run(config, tracking_uri, run_name="stopped")
+    finish_run(tracked, "KILLED")
+    backbone = build_backbone(config.model, config.data.global_crop_size)
+    assert export_backbone(tracked, backbone, config) is None
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(tracked.run_id)
+    assert run.info.status == "KILLED"
+    assert "klssl.backbone_model_uri" not in run.data.tags
+    assert client.list_artifacts(tracked.run_id, "backbone") == []
+
+
 def test_exported_backbone_round_trips_and_registers_with_alias(
     tracking_uri: str, tmp_path: Path
 ) -> None:

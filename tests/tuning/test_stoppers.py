@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,7 +10,13 @@ import pytest
 from tests.factories import tiny_config
 from trainer.distributed.cluster import Placement
 from tuning.config import CollapseConfig, validate_sweep
-from tuning.driver import expected_trials, max_concurrent_trials, param_space, sampled_values
+from tuning.driver import (
+    expected_trials,
+    max_concurrent_trials,
+    param_space,
+    sampled_values,
+    settle_stopped_trials,
+)
 from tuning.report import TrialRecord, best_trial
 from tuning.stoppers import CollapseHistory, CollapseStopper, collapse_epoch
 
@@ -148,3 +155,35 @@ def test_the_tune_space_follows_the_sweep() -> None:
         "objective.mode": "center",
         "data.batch_size": 16,
     }
+
+
+def test_trials_tune_stopped_end_killed_whatever_their_workers_did_after(tmp_path: Path) -> None:
+    """A trial stopped by ASHA whose workers trained on and exported (reopening the run)
+    is settled KILLED; a trial that ran its budget keeps FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("settle")
+    stopped, finished = (client.create_run(experiment).info.run_id for _ in range(2))
+    for run_id in (stopped, finished):
+        client.set_terminated(run_id, "FINISHED")
+    stopped_later = client.create_run(experiment).info.run_id  # left RUNNING, mid-export
+
+    def record(run_id: str, state: str, reason: str | None) -> TrialRecord:
+        return TrialRecord(
+            trial_id=run_id[:8], run_id=run_id, params={}, state=state, stop_reason=reason,
+            metrics={}, config={},
+        )  # fmt: skip
+
+    settled = settle_stopped_trials(
+        uri,
+        [
+            record(stopped, "FINISHED", "asha"),
+            record(finished, "FINISHED", None),
+            record(stopped_later, "RUNNING", "collapse"),
+        ],
+    )
+    assert [trial.state for trial in settled] == ["KILLED", "FINISHED", "KILLED"]
+    statuses = [client.get_run(run_id).info.status for run_id in (stopped, finished, stopped_later)]
+    assert statuses == ["KILLED", "FINISHED", "KILLED"]

@@ -171,7 +171,7 @@ RESUME_SWEEP = {
         "objective.teacher_temp": {"type": "uniform", "low": 0.04, "high": 0.1},
         "objective.prior_momentum": {"type": "uniform", "low": 0.5, "high": 0.95},
     },
-    "num_samples": 3,
+    "num_samples": 2,
     "seed": 3,
     "max_concurrent_trials": 1,
     "asha": {"enabled": False},
@@ -230,8 +230,8 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(
 
     first = start_sweep(cluster, tmp_path, sweep_file)
     deadline = time.monotonic() + RESUME_TRIALS_S
-    # One trial at a time: once the third trial has its run, Tune is done with two.
-    while len(trial_runs(client)) < 3 or len(finished_children(client)) < 2:
+    # One trial at a time: once the second trial has its run, Tune is done with one.
+    while len(trial_runs(client)) < 2 or len(finished_children(client)) < 1:
         assert first.poll() is None, first.communicate()
         assert time.monotonic() < deadline, "two trials did not finish in time"
         time.sleep(0.5)
@@ -246,7 +246,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(
         run.info.run_id: (run.info.end_time, history_length(client, run.info.run_id))
         for run in finished_children(client)
     }  # fmt: skip
-    assert len(done) >= 2
+    assert len(done) >= 1
 
     second = start_sweep(cluster, tmp_path, sweep_file)
     out, err = second.communicate(timeout=SECOND_RUN_S)
@@ -257,7 +257,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(
     assert client.get_run(parent_id).info.status == "FINISHED"
 
     runs = children(client, parent_id)
-    assert len(runs) == 3  # no trial ran twice under a new run
+    assert len(runs) == 2  # no trial ran twice under a new run
     assert all(run.info.status == "FINISHED" for run in runs)
     for run_id, (end_time, logged) in done.items():
         run = client.get_run(run_id)
@@ -267,7 +267,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert steps == sorted(set(steps))
     experiment_dir = tmp_path / "ray" / "r1"
-    assert len(list(experiment_dir.glob("train_*"))) == 3
+    assert len(list(experiment_dir.glob("train_*"))) == 2
 
 
 @pytest.mark.skipif(not optuna_available(), reason="optuna (the 'tune' extra) is not installed")
