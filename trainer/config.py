@@ -507,6 +507,21 @@ class RuntimeConfig(_Section):
     num_workers: int = Field(
         1, ge=1, le=MAX_WORKERS, description="Data-parallel training workers (Ray)."
     )
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Elastic training: start with as few as this many workers and grow "
+        "to num_workers as the cluster gains room (Ray Train restarts the workers at the "
+        "new size from the latest checkpoint; the schedules follow the images seen, so "
+        "they continue where they were). None: exactly num_workers.",
+    )
+    resize_check_s: float = Field(
+        60.0,
+        ge=1,
+        le=3600,
+        description="How often an elastic run (min_workers set) looks for room to grow.",
+    )
     max_failures: int = Field(
         2,
         ge=0,
@@ -528,6 +543,17 @@ class RuntimeConfig(_Section):
         description="Ray placement of the workers: PACK (fill nodes first), SPREAD, "
         "STRICT_PACK (one node) or STRICT_SPREAD (one worker per node).",
     )
+
+    @model_validator(mode="after")
+    def _min_workers_at_most_num_workers(self) -> Self:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise field_error(
+                ("min_workers",),
+                f"{self.min_workers} is more than num_workers ({self.num_workers}), the "
+                "size an elastic run grows to",
+                self.min_workers,
+            )
+        return self
 
 
 def field_error(location: tuple[str, ...], reason: str, value: Any) -> ValidationError:

@@ -329,7 +329,7 @@ def train_one_epoch(
             views = augment(views)
         else:
             views = [view.to(device, non_blocking=True) for view in views]
-        schedule = schedules.at(state.step)
+        schedule = schedules.at(schedules.position(state.epoch, state.epoch_samples))
         log_now = is_last or (state.step + 1) % config.runtime.log_every_steps == 0
         result = train_step(
             state, views, schedule, config, precision=precision, with_diagnostics=log_now

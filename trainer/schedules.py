@@ -1,7 +1,9 @@
 """Training schedules as pure functions of the global step.
 
 Being pure functions of (step, config), a resumed run recomputes exactly the values the
-interrupted run would have used: nothing about schedules needs to be checkpointed.
+interrupted run would have used: nothing about schedules needs to be checkpointed. The
+step is the run's position in its data (`Schedules.position`), which an elastic run
+keeps when its number of workers, and so its steps per epoch, changes.
 """
 
 from __future__ import annotations
@@ -71,6 +73,17 @@ class Schedules:
     def peak_lr(self) -> float:
         """The learning rate after warm-up, scaled by the global batch."""
         return self.config.optim.lr * self.global_batch / 256
+
+    def position(self, epoch: int, epoch_samples: int) -> int:
+        """The step of this grid at which a run stands after ``epoch`` completed epochs
+        and ``epoch_samples`` images of the next (over all workers).
+
+        The same as the run's step count while its number of workers stays the same. An
+        elastic run that resumed at another size (another ``global_batch`` and
+        ``steps_per_epoch``) continues its schedules from its progress through the
+        data, not from a step count made with the old batch.
+        """
+        return epoch * self.steps_per_epoch + epoch_samples // self.global_batch
 
     def at(self, step: int) -> StepSchedule:
         """Every scheduled value at global step ``step`` (0-based)."""

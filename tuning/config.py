@@ -40,6 +40,7 @@ from trainer.config import (
     MAX_WORKERS,
     ConfigError,
     DataConfig,
+    RuntimeConfig,
     TrainConfig,
     apply_overrides,
     read_config_file,
@@ -362,19 +363,14 @@ class SweepConfig(_Strict):
                 f"grace_period ({self.asha.grace_period}) exceeds max_t ({max_t})",
                 self.asha.grace_period,
             )
-        # Tune reads every Ray Train report as a result of the trial's epoch; a report
-        # within an epoch would be a second result for the same epoch, without its metric.
-        mid_epoch = "runtime.checkpoint_every_steps"
-        if self.base.runtime.checkpoint_every_steps or mid_epoch in self.space:
-            where = (
-                ("space", mid_epoch) if mid_epoch in self.space else ("base", *mid_epoch.split("."))
-            )
-            problem(
-                where,
-                "sweeps checkpoint at epoch ends only (ASHA and the collapse stopper judge "
-                "trials by epoch): leave runtime.checkpoint_every_steps at 0",
-                self.base.runtime.checkpoint_every_steps,
-            )
+        base_runtime = self.base.runtime
+        for path, reason in NOT_IN_SWEEPS.items():
+            field = path.removeprefix("runtime.")
+            value = getattr(base_runtime, field)
+            if path in self.space:
+                problem(("space", path), reason, path)
+            elif value != RuntimeConfig.model_fields[field].default:
+                problem(("base", "runtime", field), reason, value)
         if self.search == "optuna" and not optuna_available():
             problem(
                 ("search",),
@@ -465,6 +461,17 @@ class SweepConfig(_Strict):
 
 
 # ------------------------------------------------------------------- field paths
+
+
+NOT_IN_SWEEPS = {
+    # Tune reads every Ray Train report as a result of the trial's epoch; a report
+    # within an epoch would be a second result for the same epoch, without its metric.
+    "runtime.checkpoint_every_steps": "sweeps checkpoint at epoch ends only (ASHA and the "
+    "collapse stopper judge trials by epoch): leave runtime.checkpoint_every_steps at 0",
+    "runtime.min_workers": "a trial runs on a fixed number of workers (Tune reserves "
+    "them when it starts the trial): leave runtime.min_workers unset",
+}
+"""Runtime fields a sweep's base must leave at their defaults and may not sweep."""
 
 
 def dataset_has_labels(data: DataConfig) -> bool:

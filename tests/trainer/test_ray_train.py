@@ -37,7 +37,11 @@ from trainer.distributed.cluster import (
     wait_for_capacity,
 )
 from trainer.distributed.environment import require_train_v2
-from trainer.distributed.errors import InsufficientResourcesError, StorageUnavailableError
+from trainer.distributed.errors import (
+    InsufficientResourcesError,
+    LaunchError,
+    StorageUnavailableError,
+)
 from trainer.distributed.launcher import LaunchResult, launch_training
 from trainer.distributed.worker import WorkerSetup, worker_main
 from trainer.engine import DIAGNOSTICS, TrainingState, build_optimizer, train_step
@@ -514,6 +518,90 @@ def test_a_worker_killed_mid_epoch_resumes_at_its_step(cluster: Any, tmp_path: P
     assert [record["epoch"] for record in result.checkpoints] == [epochs - 1, epochs]
 
 
+def test_an_elastic_run_grows_when_a_node_joins_and_keeps_its_schedule(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """``runtime.min_workers`` 2 of 3 on two one-CPU nodes: the run starts with 2; a
+    third node joins; Ray Train restarts the workers as 3 from the latest checkpoint,
+    and the schedules go on from the images seen (not from a step count made with the
+    old batch), each MLflow step logged once."""
+    epochs = 3
+    config = tiny_config(
+        data={"max_samples": 256},
+        schedule={"epochs": epochs, "warmup_epochs": 1},
+        runtime={
+            "device": "cpu",
+            "log_every_steps": 1,
+            "checkpoint_every_steps": 2,
+            "num_workers": 3,
+            "min_workers": 2,
+            "resize_check_s": 1,
+            "keep_checkpoints": 2,
+        },
+    )
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    storage = tmp_path / "storage"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    snapshot = storage / "elastic-run" / "checkpoint_manager_snapshot.json"
+    outcome: dict[str, Any] = {}
+
+    def drive() -> None:
+        try:
+            outcome["result"] = launch_training(
+                config,
+                storage_path=str(storage),
+                tracking_uri=tracking_uri,
+                run_name="elastic-run",
+                train_loop=probed_loop(probes),
+            )
+        except BaseException as error:  # reported by the assertion below
+            outcome["error"] = error
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    deadline = time.monotonic() + 180
+    while not (snapshot.exists() and "_step_" in snapshot.read_text()):
+        assert driver.is_alive(), f"the run ended before its first checkpoint: {outcome}"
+        assert time.monotonic() < deadline, "no mid-epoch checkpoint within 180 s"
+        time.sleep(0.05)
+    joined = cluster.add_node(num_cpus=1)  # Ray's Cluster must be driven from this thread
+    try:
+        driver.join(timeout=300)
+    finally:
+        cluster.remove_node(joined)
+    assert not driver.is_alive(), "the run did not finish after growing"
+    assert "error" not in outcome, outcome.get("error")
+    result: LaunchResult = outcome["result"]
+
+    attempts = read_probes(probes)
+    assert len(attempts[0]) == 2, "rank 0 should have started twice (before and after)"
+    assert len(attempts[2]) == 1, "a third rank exists only after the resize"
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result.mlflow_run_id or "")
+    assert run.info.status == "FINISHED" and result.metrics["epoch"] == float(epochs)
+    resumed_step = int(run.data.tags["klssl.resumed_from_step"])
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert loss_steps == sorted(set(loss_steps))  # every step once
+    assert resumed_step + 1 in loss_steps
+
+    # After the resize: 3 workers x 16 = 48 images a step, 256 // 3 // 16 = 5 steps an
+    # epoch. The last step stands at the end of that grid, whatever the step count is
+    # (the first attempt's steps were of 32 images); keyed by the step count instead, the
+    # schedules would have run past their end before the run did.
+    after = Schedules(config, steps_per_epoch=5, global_batch=48)
+    last_step = max(loss_steps)
+    assert last_step != epochs * 5  # the step count is not the new grid's
+    history = {
+        name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+        for name in ("lr", "teacher_momentum")
+    }
+    end = after.at(epochs * 5 - 1)
+    assert history["lr"][last_step] == pytest.approx(end.lr, rel=1e-6)
+    assert history["teacher_momentum"][last_step] == pytest.approx(end.teacher_momentum)
+    assert history["lr"][last_step] != pytest.approx(after.at(last_step - 1).lr, rel=1e-3)
+
+
 # ------------------------------------------------------------------- bad input
 
 
@@ -582,6 +670,17 @@ def test_capacity_check_counts_whole_workers_per_node(
     else:
         with pytest.raises(InsufficientResourcesError, match=f"{workers} workers"):
             check_cluster_capacity(placement, nodes)
+
+
+def test_an_elastic_run_needs_room_for_its_fewest_workers() -> None:
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}]
+    check_cluster_capacity(Placement(8, False, {"CPU": 1.0}, "PACK", min_workers=2), nodes)
+    with pytest.raises(InsufficientResourcesError, match=r"at least 3 \(of up to 8\) workers"):
+        check_cluster_capacity(Placement(8, False, {"CPU": 1.0}, "PACK", min_workers=3), nodes)
+    elastic = tiny_config(runtime={"num_workers": 4, "min_workers": 3})
+    assert plan_placement(elastic, cluster_has_gpus=False).fewest == 3
+    with pytest.raises(LaunchError, match=r"min_workers \(3\) is more than the 2 workers"):
+        plan_placement(elastic, 2, cluster_has_gpus=False)
 
 
 class FakeClock:

@@ -192,6 +192,13 @@ def test_sweeps_checkpoint_at_epoch_ends_only() -> None:
     assert found.startswith("space.runtime.checkpoint_every_steps: sweeps checkpoint at epoch")
 
 
+def test_trials_have_a_fixed_number_of_workers() -> None:
+    raw = sweep({"objective.teacher_temp": TEMP})
+    raw["base"]["runtime"] |= {"num_workers": 2, "min_workers": 1}
+    (found,) = problems(raw)
+    assert found.startswith("base.runtime.min_workers: a trial runs on a fixed number")
+
+
 def test_base_config_errors_keep_their_path() -> None:
     raw = sweep({"objective.teacher_temp": TEMP})
     raw["base"]["objective"]["mode"] = "centre"

@@ -33,6 +33,13 @@ class Placement:
     loader_cpus: float = 0.0
     """CPUs that must stay free beside the workers: Ray Data's decode and augment tasks
     (``data.loader: ray``) run outside the workers' reservation."""
+    min_workers: int | None = None
+    """Elastic: the run starts with this many and grows to ``workers`` (None: fixed)."""
+
+    @property
+    def fewest(self) -> int:
+        """The workers the run needs to start."""
+        return self.workers if self.min_workers is None else self.min_workers
 
 
 def plan_placement(
@@ -57,11 +64,18 @@ def plan_placement(
         resources["GPU"] = 1.0
     resources.update({key: float(value) for key, value in (extra_resources or {}).items()})
     loader_cpus = RAY_DATA_CPUS if config.data.loader == "ray" else 0.0
-    return Placement(count, use_gpu, resources, config.runtime.placement_strategy, loader_cpus)
+    fewest = config.runtime.min_workers
+    if fewest is not None and fewest > count:
+        raise LaunchError(
+            f"runtime.min_workers ({fewest}) is more than the {count} workers asked for"
+        )
+    strategy = config.runtime.placement_strategy
+    return Placement(count, use_gpu, resources, strategy, loader_cpus, fewest)
 
 
 def check_cluster_capacity(placement: Placement, nodes: Sequence[Mapping[str, Any]]) -> None:
-    """Fail fast when the cluster's total resources can never hold the workers.
+    """Fail fast when the cluster's total resources can never hold the workers (an
+    elastic run's ``min_workers``: it grows into what joins later).
 
     Ray would otherwise wait forever for a placement group that cannot be placed.
     Each worker must fit on one node; ``STRICT_SPREAD`` needs a node per worker and
@@ -90,8 +104,8 @@ def check_cluster_capacity(placement: Placement, nodes: Sequence[Mapping[str, An
     for node in alive:
         for key, value in node.get("Resources", {}).items():
             totals[key] = totals.get(key, 0.0) + value
-    if slots >= placement.workers:
-        free_cpus = totals.get("CPU", 0.0) - placement.workers * need.get("CPU", 0.0)
+    if slots >= placement.fewest:
+        free_cpus = totals.get("CPU", 0.0) - placement.fewest * need.get("CPU", 0.0)
         if free_cpus + 1e-9 < placement.loader_cpus:
             raise InsufficientResourcesError(
                 f"data.loader 'ray' decodes and augments in Ray Data tasks, which need "
@@ -103,8 +117,12 @@ def check_cluster_capacity(placement: Placement, nodes: Sequence[Mapping[str, An
         return
     wanted = ", ".join(f"{key}={value:g}" for key, value in sorted(need.items()))
     have = ", ".join(f"{key}={totals.get(key, 0.0):g}" for key in sorted(need)) or "nothing"
+    asked = (
+        f"{placement.workers}" if placement.min_workers is None
+        else f"at least {placement.min_workers} (of up to {placement.workers})"
+    )  # fmt: skip
     raise InsufficientResourcesError(
-        f"the run asks for {placement.workers} workers with {{{wanted}}} each "
+        f"the run asks for {asked} workers with {{{wanted}}} each "
         f"({placement.strategy}), but the Ray cluster ({len(alive)} alive node(s), "
         f"{have} in total) can place at most {slots}; lower --workers or "
         "runtime.cpus_per_worker, use a CPU device, or add nodes"

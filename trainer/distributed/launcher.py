@@ -95,12 +95,20 @@ def build_trainer(
     require_train_v2()
     runtime = setup.config.runtime
     streamed = setup.config.data.loader == "ray"
+    workers: Any = placement.workers  # V2 also takes (min, max); V1's stubs do not
+    if placement.min_workers is not None:
+        workers = (placement.min_workers, placement.workers)
     return ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=setup.model_dump(),
         datasets={TRAIN_DATASET: train_dataset(setup.config)} if streamed else None,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=placement.workers,
+        # V2's ScalingConfig at run time (RAY_TRAIN_V2_ENABLED); mypy sees V1's, which
+        # has neither the (min, max) form nor the resize interval.
+        scaling_config=ray.train.ScalingConfig(  # type: ignore[call-arg]
+            # Elastic, (min, max): Ray Train restarts the group at a new size from the
+            # latest checkpoint when room appears (looked for every resize_check_s).
+            num_workers=workers,
+            elastic_resize_monitor_interval_s=runtime.resize_check_s,
             use_gpu=placement.use_gpu,
             resources_per_worker=placement.resources_per_worker,
             placement_strategy=placement.strategy,
