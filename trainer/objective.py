@@ -62,20 +62,54 @@ def teacher_targets(
     """
     if teacher_temp <= 0:
         raise ValueError(f"teacher_temp must be > 0, got {teacher_temp}")
-    logits = teacher_logits.detach().float() / teacher_temp
     if mode == "none":
-        return F.softmax(logits, dim=-1)
+        return _shifted_softmax(teacher_logits, teacher_temp, None)
     if mode == "prior":
         if prior is None:
             raise ValueError("mode 'prior' needs the cluster prior `prior` (K,)")
-        return F.softmax(logits - prior_power * log_prior_floored(prior), dim=-1)
+        return _shifted_softmax(
+            teacher_logits, teacher_temp, prior_power * log_prior_floored(prior)
+        )
     if mode == "center":
         if center is None:
             raise ValueError("mode 'center' needs the logit center `center` (K,)")
-        return F.softmax(logits - center.detach().float() / teacher_temp, dim=-1)
+        return _shifted_softmax(
+            teacher_logits, teacher_temp, center.detach().float() / teacher_temp
+        )
     if mode == "sinkhorn":
+        logits = teacher_logits.detach().float() / teacher_temp
         return _sinkhorn_knopp(logits, iterations=sinkhorn_iters, reduce=reduce)
     raise ValueError(f"unknown normalisation mode {mode!r}; valid modes: {', '.join(MODES)}")
+
+
+CACHE_BYTES = 4 * 1024 * 1024
+"""Float32 data the CPU paths here handle at a time: small enough to stay in the cache
+across the several passes a chunk needs (at K = 65536 a single row is 256 KB)."""
+
+
+def cache_rows(rows: int, row_elements: int, device: torch.device) -> list[slice]:
+    """Slices of ``rows`` rows of ``row_elements`` float32 values each, a few at a time on
+    the CPU, where memory traffic rather than arithmetic bounds these passes (each chunk
+    is read from memory once and its temporaries stay in the cache; no temporary of the
+    whole tensor is allocated and first touched); all at once on an accelerator, whose
+    caching allocator and bandwidth make one pass the fastest."""
+    if device.type != "cpu":
+        return [slice(0, rows)]
+    step = max(1, CACHE_BYTES // (4 * row_elements))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _shifted_softmax(teacher_logits: Tensor, teacher_temp: float, shift: Tensor | None) -> Tensor:
+    """softmax(t / tau_t - shift) over the last dimension, in float32."""
+    shape = teacher_logits.shape
+    flat = teacher_logits.detach().reshape(-1, shape[-1])
+    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    for rows in cache_rows(flat.shape[0], flat.shape[1], flat.device):
+        scaled = flat[rows].float() / teacher_temp
+        if shift is not None:
+            scaled -= shift
+        out[rows] = F.softmax(scaled, dim=-1)
+    return out.reshape(shape)
 
 
 PRIOR_FLOOR = 1e-6
@@ -157,15 +191,24 @@ def cross_view_loss(student_logits: Tensor, targets: Tensor, *, student_temp: fl
     return loss
 
 
-class _CrossViewLoss(torch.autograd.Function):
-    """`cross_view_loss` with its closed-form gradient.
+def _image_chunks(logits: Tensor) -> list[slice]:
+    """Slices of the batch dimension of (V, B, K) logits: all views of a few images."""
+    views, batch, clusters = logits.shape
+    return cache_rows(batch, views * clusters, logits.device)
 
-    With w_j = sum_{i != j} q_i (the targets student view j is trained on), the loss is
-    L = -sum_j <w_j, log p_j> / (pairs B), and its gradient with respect to the student
-    logits s_j is (p_j * sum_k w_jk - w_j) / (tau_s pairs B). Autograd would keep the
-    scaled logits and log p, and run log-softmax's backward and the broadcast sums'; here
-    the forward keeps only log p, and the backward turns p = exp(log p) into the gradient
-    in place: one tensor of the logits' size.
+
+class _CrossViewLoss(torch.autograd.Function):
+    """`cross_view_loss` with its closed-form gradient, keeping only log-normalisers.
+
+    With w_j = sum_{i != j} q_i (the targets student view j is trained on), m_j = sum_k
+    w_jk, x_j = s_j / tau_s and its log-normaliser l_j = logsumexp_k x_j, the loss is
+    L = -sum_j (<w_j, x_j> - m_j l_j) / (pairs B), and its gradient with respect to s_j
+    is (m_j softmax(x_j) - w_j) / (tau_s pairs B). So the forward keeps only l (one
+    number per view and image) besides the logits, which the training step holds
+    anyway, and the backward rebuilds softmax(x_j) = exp(x_j - l_j) from them: no tensor
+    of the logits' size is kept between the two, and the only one made is the gradient.
+    On the CPU both passes go a few images at a time (`_image_chunks`), so each reads the
+    logits from memory once and its temporaries stay in the cache.
     """
 
     @staticmethod
@@ -174,29 +217,48 @@ class _CrossViewLoss(torch.autograd.Function):
         pairs = teacher_views * student_logits.shape[0] - teacher_views
         # At least float32 (bf16 logits under autocast), float64 stays float64.
         dtype = torch.promote_types(student_logits.dtype, torch.float32)
-        log_p = F.log_softmax(student_logits.to(dtype) / student_temp, dim=-1)
         targets = targets.to(dtype)
-        summed = targets.sum(dim=0)
-        all_pairs = (summed * log_p.sum(dim=0)).sum()
-        # A dot product: no temporary of the teacher views' size (K up to 65536).
-        same_view = torch.dot(targets.reshape(-1), log_p[:teacher_views].reshape(-1))
+        summed = targets.sum(dim=0)  # (B, K): the targets of a local view
+        # l_j = max_j + log sum_k exp(x_jk - max_j), its two terms kept apart: the
+        # backward's x - max is then exact where it matters (the largest entries), as in
+        # log_softmax, where x - l would round at the magnitude of x.
+        peak = student_logits.new_empty(student_logits.shape[:2], dtype=dtype)
+        log_sum = torch.empty_like(peak)
+        total = torch.zeros((), dtype=dtype, device=student_logits.device)
+        for images in _image_chunks(student_logits):
+            scaled = student_logits[:, images].to(dtype) / student_temp  # (V_s, b, K)
+            # sum_j <w_j, x_j> = <sum_i q_i, sum_j x_j> - sum_i <q_i, x_i>
+            total += torch.dot(summed[images].reshape(-1), scaled.sum(dim=0).reshape(-1))
+            total -= torch.dot(targets[:, images].reshape(-1), scaled[:teacher_views].reshape(-1))
+            maxima = scaled.amax(dim=-1)
+            peak[:, images] = maxima
+            log_sum[:, images] = scaled.sub_(maxima[..., None]).exp_().sum(dim=-1).log_()
+        # m_j per view and image: the whole target mass, less a teacher view's own.
+        mass = summed.sum(dim=-1).expand(peak.shape).clone()  # (V_s, B)
+        mass[:teacher_views] -= targets.sum(dim=-1)
+        total -= torch.dot(mass.reshape(-1), (peak + log_sum).reshape(-1))
         scale = 1.0 / (pairs * batch)
-        ctx.save_for_backward(log_p, targets, summed)
-        ctx.scale, ctx.student_temp, ctx.dtype = scale, student_temp, student_logits.dtype
-        return -(all_pairs - same_view) * scale
+        ctx.save_for_backward(student_logits, peak, log_sum, targets, summed, mass)
+        ctx.scale, ctx.student_temp = scale, student_temp
+        return -total * scale
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:
-        log_p, targets, summed = ctx.saved_tensors
+        student_logits, peak, log_sum, targets, summed, mass = ctx.saved_tensors
         teacher_views = targets.shape[0]
-        mass = summed.sum(dim=-1, keepdim=True)  # sum_k w_jk for the local views
-        grad = torch.exp(log_p)  # p_j, a tensor of its own: log_p stays as saved
-        grad[:teacher_views] *= mass - targets.sum(dim=-1, keepdim=True)
-        grad[teacher_views:] *= mass
-        grad -= summed
-        grad[:teacher_views] += targets
-        grad *= grad_output * (ctx.scale / ctx.student_temp)
-        return grad.to(ctx.dtype), None, None
+        factor = grad_output * (ctx.scale / ctx.student_temp)
+        grad = torch.empty_like(student_logits)
+        for images in _image_chunks(student_logits):
+            scaled = student_logits[:, images].to(peak.dtype) / ctx.student_temp
+            # m_j softmax(x_j) - w_j, with w_j = summed - q_j for the teacher views
+            scaled -= peak[:, images, None]
+            part = scaled.sub_(log_sum[:, images, None]).exp_()
+            part *= mass[:, images, None]
+            part -= summed[images]
+            part[:teacher_views] += targets[:, images]
+            part *= factor
+            grad[:, images] = part
+        return grad, None, None
 
 
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:

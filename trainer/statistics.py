@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from trainer.objective import cache_rows
+
 
 def distributed_ready() -> bool:
     """True when collectives can run (a process group is initialised)."""
@@ -79,26 +81,26 @@ class ClusterStatistics(nn.Module):
     @torch.no_grad()
     def measure(self, teacher_logits: Tensor, teacher_temp: float) -> BatchStatistics:
         """Global-batch statistics of ``teacher_logits`` (N, K), in one all-reduce."""
-        logits = teacher_logits.detach().float().reshape(-1, self.prior.numel())
-        # log P_t in place of the scaled logits, P_t from it: the entropies are then one
-        # dot product, sum_x H(P_t(.|x)) = -<P_t, log P_t>, with no (N, K) temporary
-        # (at K = 65536 each pass over (N, K) is a good part of the step's statistics).
-        log_probs = logits / teacher_temp
-        log_probs -= torch.logsumexp(log_probs, dim=-1, keepdim=True)
-        probs = log_probs.exp()
-        flat = logits.reshape(-1)
-        # One flat buffer, so a step costs a single collective of 2K + 3 floats.
-        sums = torch.cat(
-            [
-                probs.sum(dim=0),
-                logits.sum(dim=0),
-                -torch.dot(probs.reshape(-1), log_probs.reshape(-1)).reshape(1),
-                torch.dot(flat, flat).reshape(1),
-                torch.tensor([float(logits.shape[0])], device=logits.device),
-            ]
-        )
-        all_reduce_sum(sums)
         k = self.prior.numel()
+        logits = teacher_logits.detach().reshape(-1, k)
+        # One flat buffer, so a step costs a single collective of 2K + 3 floats:
+        # sum_x P_t, sum_x t, sum_x H(P_t(.|x)), sum_x |t|^2 and the count.
+        sums = torch.zeros(2 * k + 3, dtype=torch.float32, device=logits.device)
+        prob_sum, logit_sum = sums[:k], sums[k : 2 * k]
+        # A few rows at a time (`cache_rows`): every measure of a chunk comes from one
+        # read of it, and log P_t replaces the scaled logits in place, so the entropies
+        # are one dot product, sum_x H(P_t(.|x)) = -<P_t, log P_t>.
+        for rows in cache_rows(logits.shape[0], k, logits.device):
+            chunk = logits[rows].float()
+            logit_sum += chunk.sum(dim=0)
+            sums[2 * k + 1] += torch.dot(chunk.reshape(-1), chunk.reshape(-1))
+            log_probs = chunk / teacher_temp
+            log_probs -= torch.logsumexp(log_probs, dim=-1, keepdim=True)
+            probs = log_probs.exp()
+            prob_sum += probs.sum(dim=0)
+            sums[2 * k] -= torch.dot(probs.reshape(-1), log_probs.reshape(-1))
+        sums[-1] = float(logits.shape[0])
+        all_reduce_sum(sums)
         count = sums[-1]
         return BatchStatistics(
             prior=sums[:k] / count,
