@@ -31,6 +31,7 @@ from trainer.engine import TrainingState
 from trainer.loop import Run, backbone_of, build_run, run_training
 
 BACKBONE_FILE = "backbone.pt"
+METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 
 
@@ -41,7 +42,7 @@ class LocalHooks:
         self.run = run
         self.output_dir = output_dir
         self.checkpoint_root = output_dir / "checkpoints"
-        self.metrics_file = (output_dir / "metrics.jsonl").open("a")
+        self.metrics_file = (output_dir / METRICS_FILE).open("a")
         self.progress = progress
         self.task = (
             progress.add_task("training", total=run.schedules.total_steps, status="")
@@ -126,6 +127,7 @@ def train_locally(
         console.print(
             f"resuming from {checkpoint} (epoch {payload['epoch']}, step {payload['step']})"
         )
+        forget_metrics_after(output_dir / METRICS_FILE, payload["step"])
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(config.to_json())
 
@@ -161,6 +163,18 @@ def train_locally(
     torch.save(backbone_of(run).state_dict(), output_dir / BACKBONE_FILE)
     (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def forget_metrics_after(path: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` from a run's metrics file.
+
+    They were logged by the stopped run after its last checkpoint; the resumed run
+    trains those steps again and logs them anew, so every step stays in the file once.
+    """
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(f"{line}\n" for line in kept))
 
 
 def _warn_config_changes(stored: TrainConfig, new: TrainConfig, console: Console) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from tests.factories import tiny_config
+from trainer.local import forget_metrics_after
 
 KLSSL = [sys.executable, "-m", "service.cli"]
 
@@ -99,3 +100,14 @@ def test_resume_without_checkpoint_fails_clearly(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "no checkpoint under" in result.stderr
+
+
+def test_a_resume_drops_the_metrics_logged_after_its_checkpoint(tmp_path: Path) -> None:
+    """Steps the stopped run logged after its last checkpoint are trained (and logged)
+    again by the resumed run: the file keeps each step once."""
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": 5}, {"step": 8, "epoch_end": 1}, {"step": 10}, {"step": 12}]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    forget_metrics_after(path, 10)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records[:3]
+    forget_metrics_after(tmp_path / "absent.jsonl", 3)  # a first run has no file yet
