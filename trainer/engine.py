@@ -357,10 +357,15 @@ def train_one_epoch(
             window_start, window_images = time.perf_counter(), 0
         if not is_last and between_steps is not None:
             between_steps(state)
-    if steps == 0:
+    resumed_at_its_end = steps == 0 and state.epoch_samples > 0
+    if steps == 0 and not resumed_at_its_end:
         raise RuntimeError("the training loader yielded no batch: dataset smaller than a batch?")
     state.epoch += 1
     state.epoch_samples = 0
+    if resumed_at_its_end:
+        # An elastic run resumed with more workers: what was left of the epoch does not
+        # fill one global batch, so the epoch ends here (as drop_last ends every epoch).
+        return {"epoch": float(state.epoch)}
     return last | {"epoch_loss": float(loss_sum) / steps, "epoch": float(state.epoch)}
 
 

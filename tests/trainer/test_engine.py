@@ -242,6 +242,19 @@ def test_a_run_stopped_mid_epoch_resumes_at_its_step_with_identical_results(
         torch.testing.assert_close(a, b)
 
 
+def test_an_epoch_resumed_with_less_than_a_batch_left_ends_at_once(tiny: TrainConfig) -> None:
+    """An elastic run that resumes with more workers can find less than one global batch
+    left of its epoch: that epoch ends without a step, the next one runs whole."""
+    run = build_run(tiny)
+    steps_per_epoch = run.schedules.steps_per_epoch
+    run.state.epoch_samples = len(run.splits.train) - tiny.data.batch_size // 2
+    hooks = RecordingHooks(tiny)
+    run_training(run, hooks, evaluates=False)
+    assert [epoch for epoch, _ in hooks.epochs] == [1, 2]
+    assert "epoch_loss" not in hooks.epochs[0][1] and "epoch_loss" in hooks.epochs[1][1]
+    assert run.state.step == steps_per_epoch  # the second epoch's steps only
+
+
 def test_checkpoint_names_sort_in_the_order_they_were_taken() -> None:
     names = [checkpoint_name(3), checkpoint_name(3, 450), checkpoint_name(3, 1200)]
     names.append(checkpoint_name(4))
