@@ -696,7 +696,8 @@ def test_the_capacity_wait_asks_the_autoscaler_and_withdraws_the_ask() -> None:
         placement, 600, nodes=nodes, request=requests.append, clock=clock, sleep=clock.sleep
     )
     assert looks == [0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0]
-    assert requests == [[{"CPU": 1.0}, {"CPU": 1.0}], []]  # asked once, withdrawn at the end
+    ask = [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert requests == [ask] * 6 + [[]]  # asked at every look, withdrawn at the end
 
     clock, requests = FakeClock(), []
     with pytest.raises(InsufficientResourcesError, match=r"after waiting 12 s for the cluster"):

@@ -154,9 +154,9 @@ def wait_for_capacity(
 
     An autoscaling cluster (KubeRay's GPU group at ``minReplicas: 0``) is smaller than
     the job until the autoscaler adds nodes, and it adds them only for demand it sees:
-    while waiting, the workers' bundles are requested from the autoscaler (withdrawn
-    again when the wait ends, either way; the run's own placement group is the demand
-    from then on). ``timeout_s`` 0 checks once and fails at once, for a fixed cluster.
+    while waiting, the workers' bundles are requested from the autoscaler at every look
+    (withdrawn when the wait ends, either way; the run's own placement group is the
+    demand from then on). ``timeout_s`` 0 checks once and fails at once, for a fixed cluster.
 
     Raises:
         InsufficientResourcesError: the cluster still cannot hold the workers when the
@@ -178,11 +178,13 @@ def wait_for_capacity(
                     ) from None
                 if not requested:
                     log.warning("%s; waiting up to %g s for the autoscaler", error, timeout_s)
-                    bundles = [dict(placement.resources_per_worker)] * placement.workers
-                    if placement.loader_cpus > 0:
-                        bundles.append({"CPU": placement.loader_cpus})
-                    request(bundles)
-                    requested = True
+                # Asked again at every look: the autoscaler holds one request for the
+                # whole cluster, which another job's driver may have replaced since.
+                bundles = [dict(placement.resources_per_worker)] * placement.workers
+                if placement.loader_cpus > 0:
+                    bundles.append({"CPU": placement.loader_cpus})
+                request(bundles)
+                requested = True
             sleep(min(poll_s, max(deadline - clock(), 0.0)))
     finally:
         if requested:
