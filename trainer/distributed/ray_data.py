@@ -31,7 +31,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -182,8 +182,8 @@ def make_views(
     generator = torch.Generator().manual_seed(
         mix_seed(seed, int(ids[0]), int.from_bytes(os.urandom(8), "little"))
     )
-    chosen = [images[i] for i in source]  # every one readable, by construction of source
-    per_image = [augmentation(image, generator=generator) for image in chosen if image is not None]
+    chosen = [cast(Tensor, images[i]) for i in source]  # readable, by construction of source
+    per_image = [augmentation(image, generator=generator) for image in chosen]
     views = {
         f"view_{v}": torch.stack([views[v] for views in per_image]).numpy()
         for v in range(augmentation.num_global_crops + augmentation.num_local_crops)
