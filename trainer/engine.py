@@ -296,7 +296,6 @@ def train_one_epoch(
     on_log: StepCallback | None = None,
     augment: Callable[[Any], list[Tensor]] | None = None,
     between_steps: Callable[[TrainingState], None] | None = None,
-    steps_per_epoch: int | None = None,
 ) -> dict[str, float]:
     """Train one epoch; returns the epoch's mean loss and its last diagnostics.
 
@@ -309,19 +308,14 @@ def train_one_epoch(
     it that element is the views, copied to ``device``.
 
     ``between_steps`` is called after every step but the epoch's last (whose state the
-    epoch end reports): where a runner takes mid-epoch checkpoints. An epoch resumed
-    mid-way (``state.epoch_samples`` > 0, the loader started after those images) counts
-    its fractional ``epoch`` metric against the full ``steps_per_epoch`` (default: the
-    loader's length).
+    epoch end reports): where a runner takes mid-epoch checkpoints. The fractional
+    ``epoch`` metric is the run's position in its data (`Schedules.position`), so an
+    epoch resumed mid-way counts the steps its checkpoint had taken.
     """
     state.student.train()
     state.teacher.train()
     loss_sum = torch.zeros((), device=device)
     steps = 0
-    # A resumed epoch's loader starts after the checkpoint's images: count from there.
-    length = _length(loader, 0)
-    full_epoch = steps_per_epoch or length
-    steps_before = full_epoch - length if state.epoch_samples and length else 0
     last: dict[str, float] = {}
     window_start, window_images = time.perf_counter(), 0
     for is_last, (views, _labels) in _flag_last(loader):
@@ -348,8 +342,8 @@ def train_one_epoch(
                 "teacher_temp": schedule.teacher_temp,
                 "teacher_momentum": schedule.teacher_momentum,
                 "images_per_s": window_images / max(elapsed, 1e-9),
-                "epoch": state.epoch
-                + (steps_before + steps) / max(full_epoch, steps_before + steps),
+                "epoch": schedules.position(state.epoch, state.epoch_samples)
+                / schedules.steps_per_epoch,
             }
             last |= state.health.observe(state.step, last).metrics()
             if on_log is not None:
@@ -367,13 +361,6 @@ def train_one_epoch(
         # fill one global batch, so the epoch ends here (as drop_last ends every epoch).
         return {"epoch": float(state.epoch)}
     return last | {"epoch_loss": float(loss_sum) / steps, "epoch": float(state.epoch)}
-
-
-def _length(loader: Iterable[Batch], fallback: int) -> int:
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return fallback
 
 
 def _flag_last(items: Iterable[Batch]) -> Iterator[tuple[bool, Batch]]:

@@ -337,7 +337,6 @@ def run_training(
             on_log=hooks.on_log,
             augment=None if run.augment is None else run.augment.batch_views,
             between_steps=between_steps,
-            steps_per_epoch=run.schedules.steps_per_epoch,
         )
         last_epoch = epoch + 1 == config.schedule.epochs
         every = config.eval.every_epochs

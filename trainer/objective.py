@@ -203,10 +203,11 @@ class _CrossViewLoss(torch.autograd.Function):
     With w_j = sum_{i != j} q_i (the targets student view j is trained on), m_j = sum_k
     w_jk, x_j = s_j / tau_s and its log-normaliser l_j = logsumexp_k x_j, the loss is
     L = -sum_j (<w_j, x_j> - m_j l_j) / (pairs B), and its gradient with respect to s_j
-    is (m_j softmax(x_j) - w_j) / (tau_s pairs B). So the forward keeps only l (one
-    number per view and image) besides the logits, which the training step holds
-    anyway, and the backward rebuilds softmax(x_j) = exp(x_j - l_j) from them: no tensor
-    of the logits' size is kept between the two, and the only one made is the gradient.
+    is (m_j softmax(x_j) - w_j) / (tau_s pairs B). So the forward keeps only l (as its
+    two terms, the row maximum and the log-sum: two numbers per view and image) besides
+    the logits, which the training step holds anyway, and the backward rebuilds
+    softmax(x_j) = exp(x_j - max_j - logsum_j) from them: no tensor of the logits' size
+    is kept between the two, and the only one made is the gradient.
     On the CPU both passes go a few images at a time (`_image_chunks`), so each reads the
     logits from memory once and its temporaries stay in the cache.
     """
