@@ -346,6 +346,13 @@ def run_training(
         if unreadable is not None:  # replaced, never silently dropped
             metrics["unreadable_images"] = float(unreadable)
         hooks.on_epoch_end(run.state, metrics)
+    if run.state.epoch >= (until_epoch or config.schedule.epochs) and not metrics:
+        # Resumed from the checkpoint of the last epoch (the workers restarted after it,
+        # an elastic resize came too late): nothing is left to train, but the run's
+        # result still says where it ended and how good it is.
+        metrics = {"epoch": float(run.state.epoch)}
+        if evaluates:
+            metrics |= evaluate(run) | baselines
     return metrics
 
 

@@ -255,6 +255,22 @@ def test_an_epoch_resumed_with_less_than_a_batch_left_ends_at_once(tiny: TrainCo
     assert run.state.step == steps_per_epoch  # the second epoch's steps only
 
 
+def test_a_run_resumed_from_its_last_checkpoint_still_reports_its_result(
+    tiny: TrainConfig, tmp_path: Path
+) -> None:
+    """Workers restarted after the last epoch's checkpoint have nothing left to train;
+    the run's metrics still hold its epoch and its evaluation."""
+    finished = build_run(tiny)
+    run_training(finished, RecordingHooks(tiny, tmp_path), evaluates=False)
+    payload = load_payload(latest_checkpoint(tmp_path) or tmp_path)
+    resumed = build_run(tiny)
+    hooks = RecordingHooks(tiny)
+    metrics = run_training(resumed, hooks, resume=payload)
+    assert hooks.epochs == [] and hooks.logs == []
+    assert metrics["epoch"] == float(tiny.schedule.epochs)
+    assert 0.0 <= metrics["knn_top1"] <= 100.0 and "random_init_knn_top1" in metrics
+
+
 def test_checkpoint_names_sort_in_the_order_they_were_taken() -> None:
     names = [checkpoint_name(3), checkpoint_name(3, 450), checkpoint_name(3, 1200)]
     names.append(checkpoint_name(4))
