@@ -425,6 +425,24 @@ def test_two_workers_of_batch_b_equal_one_worker_of_batch_2b(cluster: Any, tmp_p
 # --------------------------------------------------------------- fault tolerance
 
 
+class WaitForCPUs:
+    """Holds every rank after a given step until the cluster has ``cpus`` CPUs (at most
+    two minutes), so a resize cannot come after the run's end on a slow machine."""
+
+    def __init__(self, step: int, cpus: float) -> None:
+        self.step, self.cpus = step, cpus
+
+    def on_log(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        deadline = time.monotonic() + 120
+        while state.step == self.step and time.monotonic() < deadline:
+            if ray.cluster_resources().get("CPU", 0.0) >= self.cpus:
+                return
+            time.sleep(0.2)
+
+    def on_epoch_end(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        pass
+
+
 def resumable_config(epochs: int, **runtime: Any) -> TrainConfig:
     """256 digits (8 steps an epoch on 2 workers), every step logged, two checkpoints kept:
     a run to stop and resume."""
@@ -537,6 +555,12 @@ def test_an_elastic_run_grows_when_a_node_joins_and_keeps_its_schedule(
     probes, storage, tracking_uri, snapshot = run_paths(tmp_path, "elastic-run")
     outcome: dict[str, Any] = {}
 
+    def elastic_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+        return worker_main(
+            WorkerSetup.model_validate(loop_config),
+            extra_hooks=lambda run: [RankProbe(run, str(probes)), WaitForCPUs(4, 3.0)],
+        )
+
     def drive() -> None:
         try:
             outcome["result"] = launch_training(
@@ -544,7 +568,7 @@ def test_an_elastic_run_grows_when_a_node_joins_and_keeps_its_schedule(
                 storage_path=str(storage),
                 tracking_uri=tracking_uri,
                 run_name="elastic-run",
-                train_loop=probed_loop(probes),
+                train_loop=elastic_loop,
             )
         except BaseException as error:  # reported by the assertion below
             outcome["error"] = error
